@@ -1,0 +1,197 @@
+"""Activation sources: one interface, fed either by a frozen LLM or by cached files.
+
+A source yields dicts site-name -> [tokens, d] float32 tensors whose rows are the same tokens
+for every site (so transcoders see aligned input/output pairs). Rows with NaN/Inf, special
+tokens or (optionally) outlier norms never leave the source; the NaN/Inf ones are counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from framework import hooks, text_data
+from framework.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+class ActivationSource:
+    """Base: subclasses implement `_raw(split)` and set `dims` (site -> width)."""
+
+    dims: dict[str, int]
+
+    def __init__(self, data_cfg: DataConfig, device: torch.device):
+        self.data_cfg = data_cfg
+        self.device = device
+        self.nonfinite_tokens = 0
+        self.outlier_tokens = 0
+
+    def _raw(self, split: str) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def batches(self, split: str = "train") -> Iterator[Batch]:
+        for acts in self._raw(split):
+            acts = self._clean(acts)
+            if next(iter(acts.values())).shape[0]:
+                yield acts
+
+    def _clean(self, acts: Batch) -> Batch:
+        acts = {k: v.to(self.device, torch.float32, non_blocking=True) for k, v in acts.items()}
+        good = torch.ones(next(iter(acts.values())).shape[0], dtype=torch.bool, device=self.device)
+        for v in acts.values():
+            good &= torch.isfinite(v).all(dim=1)
+        n_bad = int((~good).sum())
+        if n_bad:
+            self.nonfinite_tokens += n_bad
+            log.warning("skipped %d tokens with NaN/Inf activations (total %d)", n_bad, self.nonfinite_tokens)
+        factor = self.data_cfg.norm_outlier_factor
+        if factor > 0:
+            for v in acts.values():
+                norms = v.norm(dim=1)
+                ok = norms <= factor * norms[good].median() if good.any() else good
+                self.outlier_tokens += int((good & ~ok).sum())
+                good &= ok
+        return {k: v[good] for k, v in acts.items()}
+
+
+class LLMSource(ActivationSource):
+    """Activations of a frozen LLM on packed text; the forward stops after the last site."""
+
+    def __init__(self, data_cfg: DataConfig, model, tokenizer, sites: list[str], device: torch.device, seed: int):
+        super().__init__(data_cfg, device)
+        self.model, self.tokenizer, self.seed = model, tokenizer, seed
+        self.specs = [hooks.parse_site(s) for s in sites]
+        for spec in self.specs:
+            hooks.resolve(model, spec)  # unknown layers/modules fail here, before training
+        self.specials = text_data.special_token_ids(tokenizer)
+        self.dims = self._probe_dims()
+        self.tokens_seen = 0
+
+    @property
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _probe_dims(self) -> dict[str, int]:
+        ids = torch.full((1, 4), self.tokenizer.bos_token_id or 0, dtype=torch.long)
+        acts = self.capture(ids)
+        return {k: v.shape[-1] for k, v in acts.items()}
+
+    @torch.no_grad()
+    def capture(self, ids: torch.Tensor) -> Batch:
+        """site -> [batch, seq, d] for a token batch, running the model only as deep as needed."""
+        ids = ids.to(self.model_device)
+        with hooks.capture(self.model, self.specs) as store:
+            hooks.run_until_captured(lambda: self.model(input_ids=ids, use_cache=False))
+        return dict(store)
+
+    def sequences(self, split: str) -> Iterator[torch.Tensor]:
+        return text_data.sequence_batches(self.data_cfg, self.tokenizer, split, self.seed)
+
+    def _raw(self, split: str) -> Iterator[Batch]:
+        for ids in self.sequences(split):
+            acts = self.capture(ids)
+            keep = text_data.keep_mask(ids, self.specials, self.data_cfg.exclude_special_tokens).to(self.model_device)
+            self.tokens_seen += ids.numel()
+            yield {k: v[keep] for k, v in acts.items()}
+
+
+# --------------------------------------------------------------------------- files
+
+ACTIVATION_SUFFIXES = (".safetensors", ".npy")
+FILE_READ_ROWS = 4096  # rows per read from a memory-mapped shard
+
+
+class _Shard:
+    """A memory-mapped activation shard: site -> array-like [N, d] read lazily."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.suffix == ".npy":
+            arr = np.load(path, mmap_mode="r")
+            self.tensors = {"activations": arr}
+        else:
+            from safetensors import safe_open  # noqa: PLC0415
+
+            self._handle = safe_open(str(path), framework="pt")
+            self.tensors = {k: self._handle.get_slice(k) for k in self._handle.keys()}
+        for name, t in self.tensors.items():
+            shape = self._shape(t)
+            if len(shape) != 2:
+                raise ConfigError(f"activation shard '{path}': tensor '{name}' has shape {shape}, expected [N, d]")
+        rows = {self._shape(t)[0] for t in self.tensors.values()}
+        if len(rows) != 1:
+            raise ConfigError(f"activation shard '{path}' is ragged: its tensors have different row counts {sorted(rows)}")
+        self.rows = rows.pop()
+
+    @staticmethod
+    def _shape(t) -> tuple[int, ...]:
+        return tuple(t.shape) if hasattr(t, "shape") else tuple(t.get_shape())
+
+    def widths(self) -> dict[str, int]:
+        return {k: self._shape(t)[1] for k, t in self.tensors.items()}
+
+    def read(self, start: int, stop: int) -> Batch:
+        return {k: torch.from_numpy(np.array(t[start:stop])) if isinstance(t, np.ndarray) else t[start:stop]
+                for k, t in self.tensors.items()}
+
+
+class FileSource(ActivationSource):
+    """Cached activations: a folder of .safetensors (one tensor per site) or .npy shards.
+    The last `eval_rows` rows (in file-name order) are held out for evaluation."""
+
+    def __init__(self, data_cfg: DataConfig, device: torch.device, seed: int, eval_rows: int):
+        super().__init__(data_cfg, device)
+        folder = Path(data_cfg.activations_dir)
+        paths = sorted(p for p in folder.iterdir() if p.suffix in ACTIVATION_SUFFIXES)
+        if not paths:
+            raise ConfigError(f"data.activations_dir: no {' or '.join(ACTIVATION_SUFFIXES)} files in '{folder}'")
+        self.shards = [_Shard(p) for p in paths]
+        self.dims = self.shards[0].widths()
+        for shard in self.shards[1:]:
+            if shard.widths() != self.dims:
+                raise ConfigError(
+                    f"activation shard '{shard.path}' has tensors/widths {shard.widths()}, but '{paths[0].name}' has {self.dims}")
+        total = sum(s.rows for s in self.shards)
+        if eval_rows >= total:
+            raise ConfigError(f"eval.tokens={eval_rows} leaves no training rows: the files hold {total} rows")
+        self.seed = seed
+        self.train_ranges, self.eval_ranges = self._split(eval_rows)
+
+    def _split(self, eval_rows: int):
+        train, held = [], []
+        remaining = eval_rows
+        for i in reversed(range(len(self.shards))):
+            rows = self.shards[i].rows
+            take = min(rows, remaining)
+            remaining -= take
+            if take:
+                held.insert(0, (i, rows - take, rows))
+            if rows - take:
+                train.insert(0, (i, 0, rows - take))
+        return train, held
+
+    def _chunks(self, ranges, rng: random.Random | None):
+        chunks = [(i, s, min(s + FILE_READ_ROWS, stop)) for i, start, stop in ranges for s in range(start, stop, FILE_READ_ROWS)]
+        if rng is not None:
+            rng.shuffle(chunks)
+        return chunks
+
+    def _raw(self, split: str) -> Iterator[Batch]:
+        if split == "eval":
+            for i, s, e in self._chunks(self.eval_ranges, None):
+                yield self.shards[i].read(s, e)
+            return
+        epoch = 0
+        while True:
+            rng = random.Random(self.seed + epoch) if self.data_cfg.shuffle_files else None
+            for i, s, e in self._chunks(self.train_ranges, rng):
+                yield self.shards[i].read(s, e)
+            epoch += 1

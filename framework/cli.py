@@ -1,0 +1,81 @@
+"""Command line: `sparsemill train CONFIG.yaml [dotted.key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+
+from framework.config import ConfigError, RunConfig, load_config
+
+TRAIN_EPILOG = """\
+Overrides use dotted keys into the YAML (values are parsed as YAML):
+  sparsemill train configs/debug.yaml saes.0.k=64 train.total_tokens=200000 run_dir=runs/x
+
+Every key (section.key: type = default):
+"""
+
+
+def _describe(cls, prefix: str = "") -> list[str]:
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += _describe(tp, f"{prefix}{f.name}.")
+            continue
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            lines += _describe(typing.get_args(tp)[0], f"{prefix}{f.name}.N.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {prefix}{f.name}: {getattr(tp, '__name__', str(tp))} = {default!r}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sparsemill",
+        description="Train TopK sparse autoencoders and transcoders on activations of a frozen language model.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser(
+        "train", help="train the SAEs a YAML config describes",
+        description="Train one or several SAEs from one activation stream; writes checkpoints, SAELens exports, "
+                    "TensorBoard logs, eval.json and summary.json into run_dir.",
+        epilog=TRAIN_EPILOG + "\n".join(_describe(RunConfig)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p_train.add_argument("config", help="YAML config file (see configs/)")
+    p_train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. saes.0.k=64")
+    p_train.add_argument("--run-dir", help="shorthand for run_dir=...")
+    p_train.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    args, extra = parser.parse_known_args(argv)  # overrides may follow options
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides) + extra + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    if args.quiet:
+        overrides.append("log.progress=false")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from framework.train import format_summary, train  # noqa: PLC0415  (heavy imports after validation)
+
+    try:
+        summary = train(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"run directory: {cfg.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

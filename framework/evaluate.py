@@ -1,0 +1,161 @@
+"""Evaluation on held-out tokens.
+
+Reconstruction metrics (reference.md §3): FVU = E||y - y_hat||^2 / E||y - mean(y)||^2 with the
+mean over the whole evaluation set (not zero, and not per batch); L0; dead fraction (never fired
+on the eval tokens); dense fraction (fires on > 10% of tokens); cosine and norm ratio.
+With an LLM source, the reconstruction is spliced into the forward pass at the site
+(special-token positions keep their clean activation) for delta CE, KL(clean || spliced) and
+CE recovered against zero ablation.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from framework import hooks, text_data
+from framework.activations import LLMSource
+from framework.llm import is_causal_lm
+
+DENSE_THRESHOLD = 0.1
+
+
+class ReconstructionStats:
+    """Sums over the eval set in float64, so the FVU denominator uses the set's own mean."""
+
+    def __init__(self, n_latents: int, d_out: int, device: torch.device):
+        self.tokens = 0
+        self.err = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum_y = torch.zeros(d_out, dtype=torch.float64, device=device)
+        self.sum_y2 = torch.zeros((), dtype=torch.float64, device=device)
+        self.cos = torch.zeros((), dtype=torch.float64, device=device)
+        self.norm_ratio = torch.zeros((), dtype=torch.float64, device=device)
+        self.l0 = torch.zeros((), dtype=torch.float64, device=device)
+        self.fires = torch.zeros(n_latents, dtype=torch.long, device=device)
+
+    def add(self, y: torch.Tensor, y_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
+        y, y_hat = y.double(), y_hat.double()
+        self.tokens += y.shape[0]
+        self.err += (y - y_hat).pow(2).sum()
+        self.sum_y += y.sum(0)
+        self.sum_y2 += y.pow(2).sum()
+        self.cos += F.cosine_similarity(y, y_hat, dim=1).sum()
+        self.norm_ratio += (y_hat.norm(dim=1) / y.norm(dim=1).clamp_min(1e-12)).sum()
+        active = values != 0
+        self.l0 += active.sum()
+        self.fires += torch.bincount(indices[active], minlength=self.fires.numel())
+
+    def result(self) -> dict[str, float]:
+        n = max(self.tokens, 1)
+        total_var = self.sum_y2 - self.sum_y.pow(2).sum() / n  # sum ||y - mean||^2
+        density = self.fires.double() / n
+        return {
+            "fvu": (self.err / total_var.clamp_min(1e-30)).item(),
+            "l0": (self.l0 / n).item(),
+            "dead_frac": (self.fires == 0).double().mean().item(),
+            "dense_frac": (density > DENSE_THRESHOLD).double().mean().item(),
+            "cos": (self.cos / n).item(),
+            "norm_ratio": (self.norm_ratio / n).item(),
+            "eval_tokens": self.tokens,
+        }
+
+    def log10_density(self) -> torch.Tensor:
+        return torch.log10(self.fires.double() / max(self.tokens, 1) + 1e-10)
+
+
+@torch.no_grad()
+def reconstruction_metrics(trainers: dict, source_batches: Iterable[dict], n_tokens: int) -> dict[str, ReconstructionStats]:
+    """trainers: name -> SAETrainer; batches: site -> [T, d] from the held-out split."""
+    stats = {}
+    for name, tr in trainers.items():
+        sae = tr.sae
+        stats[name] = ReconstructionStats(sae.n_latents, sae.d_out, sae.b_dec.device)
+    seen = 0
+    for batch in source_batches:
+        if seen >= n_tokens:
+            break
+        take = min(n_tokens - seen, next(iter(batch.values())).shape[0])
+        seen += take
+        for name, tr in trainers.items():
+            sae = tr.sae
+            x = sae.normalize_input(batch[tr.input_site][:take])
+            y = sae.normalize_target(batch[tr.output_site][:take])
+            with tr.evaluating():
+                out = sae(x)
+            stats[name].add(y, out.x_hat, out.values, out.indices)
+    return stats
+
+
+def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over all predicted positions."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+
+
+def _kl_sum(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    p_log = F.log_softmax(clean_logits[:, :-1].float(), -1)
+    q_log = F.log_softmax(logits[:, :-1].float(), -1)
+    return (p_log.exp() * (p_log - q_log)).sum()
+
+
+def _replacement(keep: torch.Tensor, new_values):
+    """A splice function: positions in `keep` get new_values(activation[keep]); others stay clean."""
+    def replace(act: torch.Tensor) -> torch.Tensor:
+        out = act.clone()
+        out[keep] = new_values(act[keep]).to(act.dtype)
+        return out
+    return replace
+
+
+@torch.no_grad()
+def splice_metrics(source: LLMSource, trainers: dict, n_tokens: int) -> dict[str, dict[str, float]]:
+    """delta CE, KL(clean||spliced) and CE recovered for each SAE on held-out sequences."""
+    model = source.model
+    sums = {name: {"ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for name in trainers}
+    ce_clean, predicted, seen = 0.0, 0, 0
+    for ids in source.sequences("eval"):
+        if seen >= n_tokens:
+            break
+        seen += ids.numel()
+        ids = ids.to(source.model_device)
+        keep = text_data.keep_mask(ids, source.specials, source.data_cfg.exclude_special_tokens)
+        clean = model(input_ids=ids, use_cache=False).logits
+        ce_clean += _next_token_ce(clean, ids).item()
+        predicted += ids[:, 1:].numel()
+        for name, tr in trainers.items():
+            in_spec, out_spec = hooks.parse_site(tr.input_site), hooks.parse_site(tr.output_site)
+            with hooks.capture(model, [in_spec], stop_early=False) as inputs, tr.evaluating():
+                def predict(act_at_keep, tr=tr, inputs=inputs):
+                    return tr.sae.reconstruct(inputs[in_spec.name][keep])
+                with hooks.splice(model, out_spec, _replacement(keep, predict)):
+                    spliced = model(input_ids=ids, use_cache=False).logits
+            with hooks.splice(model, out_spec, _replacement(keep, torch.zeros_like)):
+                zero = model(input_ids=ids, use_cache=False).logits
+            sums[name]["ce_spliced"] += _next_token_ce(spliced, ids).item()
+            sums[name]["ce_zero"] += _next_token_ce(zero, ids).item()
+            sums[name]["kl"] += _kl_sum(clean, spliced).item()
+    out = {}
+    for name, s in sums.items():
+        clean_ce = ce_clean / max(predicted, 1)
+        spliced_ce, zero_ce = s["ce_spliced"] / max(predicted, 1), s["ce_zero"] / max(predicted, 1)
+        out[name] = {
+            "ce_clean": clean_ce,
+            "ce_spliced": spliced_ce,
+            "ce_zero_ablated": zero_ce,
+            "delta_ce": spliced_ce - clean_ce,
+            "kl": s["kl"] / max(predicted, 1),
+            "ce_recovered": (zero_ce - spliced_ce) / (zero_ce - clean_ce) if zero_ce != clean_ce else float("nan"),
+            "splice_tokens": seen,
+        }
+    return out
+
+
+def evaluate(source, trainers: dict, eval_tokens: int, splice_tokens: int, splice: bool) -> dict[str, dict]:
+    """All metrics per SAE name, plus the raw stats (for density histograms)."""
+    stats = reconstruction_metrics(trainers, source.batches("eval"), eval_tokens)
+    results = {name: s.result() for name, s in stats.items()}
+    if splice and isinstance(source, LLMSource) and is_causal_lm(source.model) and splice_tokens > 0:
+        for name, metrics in splice_metrics(source, trainers, splice_tokens).items():
+            results[name].update(metrics)
+    return {"metrics": results, "stats": stats}

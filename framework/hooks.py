@@ -1,0 +1,221 @@
+"""Hook sites: where in a frozen transformer activations are read (and, for evaluation,
+written back), resolved per architecture, with an early stop after the last needed site.
+
+Site names: `blocks.<L>.<kind>` with kind in SITE_KINDS (TransformerLens names such as
+`blocks.6.hook_resid_post` are accepted too), or `module:<path>` / `module_input:<path>` for
+the output / first input of any named module.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from framework.config import ConfigError
+from framework.registry import Registry
+
+# kind -> (which submodule of the block, read its "input" or "output", TransformerLens name)
+SITE_KINDS = {
+    "resid_pre": ("block", "input", "blocks.{L}.hook_resid_pre"),
+    "resid_post": ("block", "output", "blocks.{L}.hook_resid_post"),
+    "attn_out": ("attn", "output", "blocks.{L}.hook_attn_out"),
+    "mlp_in": ("mlp_in", "input", "blocks.{L}.ln2.hook_normalized"),
+    "mlp_out": ("mlp_out", "output", "blocks.{L}.hook_mlp_out"),
+    # per-head attention outputs, concatenated, before the output projection
+    "attn_z": ("attn_z", "input", "blocks.{L}.attn.hook_z"),
+}
+_TL_ALIASES = {"hook_resid_pre": "resid_pre", "hook_resid_post": "resid_post", "hook_attn_out": "attn_out",
+               "hook_mlp_out": "mlp_out", "ln2.hook_normalized": "mlp_in", "hook_mlp_in": "mlp_in",
+                "attn.hook_z": "attn_z", "hook_z": "attn_z"}
+_BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A parsed site name; resolved to a module once a model is known."""
+
+    name: str
+    kind: str  # a SITE_KINDS key, or "module"
+    layer: int = -1
+    module_path: str = ""
+    read: str = "output"  # "input" | "output"
+
+    @property
+    def tl_name(self) -> str:
+        if self.kind == "module":
+            return self.module_path
+        return SITE_KINDS[self.kind][2].format(L=self.layer)
+
+
+def parse_site(name: str, key: str = "site") -> SiteSpec:
+    for prefix, read in (("module:", "output"), ("module_input:", "input")):
+        if name.startswith(prefix):
+            path = name[len(prefix):]
+            if not path:
+                raise ConfigError(f"{key}: '{name}' names no module path")
+            return SiteSpec(name, "module", module_path=path, read=read)
+    m = _BLOCK_SITE.match(name)
+    if m:
+        kind = _TL_ALIASES.get(m.group(2), m.group(2))
+        if kind in SITE_KINDS:
+            return SiteSpec(name, kind, layer=int(m.group(1)), read=SITE_KINDS[kind][1])
+    from framework.config import _did_you_mean  # noqa: PLC0415
+
+    tail = m.group(2) if m else name
+    raise ConfigError(
+        f"{key}: unknown hook site '{name}'{_did_you_mean(tail, SITE_KINDS)}; use blocks.<layer>.<kind> with kind in "
+        f"{sorted(SITE_KINDS)}, or module:<path> / module_input:<path>"
+    )
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where an architecture keeps its blocks and, inside a block, each site's module."""
+
+    blocks: str  # path of the ModuleList of blocks, relative to the full model
+    attn: str  # paths relative to a block
+    mlp_in: str
+    mlp_out: str
+    attn_z: str  # the attention's output projection (its input is the concatenated heads)
+
+
+ARCHITECTURES: Registry[Callable[[nn.Module], Layout]] = Registry("architecture")
+
+
+def _prefixed(model: nn.Module, path: str) -> str:
+    prefix = getattr(model, "base_model_prefix", "")
+    has_prefix = prefix and hasattr(model, prefix) and model.get_submodule(prefix) is not model
+    return f"{prefix}.{path}" if has_prefix else path
+
+
+@ARCHITECTURES.register("gpt2")
+def _gpt2(model):
+    return Layout(_prefixed(model, "h"), "attn", "mlp", "mlp", "attn.c_proj")
+
+
+@ARCHITECTURES.register("gpt_neox")
+def _neox(model):
+    return Layout(_prefixed(model, "layers"), "attention", "mlp", "mlp", "attention.dense")
+
+
+for _name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3", "smollm3"):
+    ARCHITECTURES.register(_name)(
+        lambda model: Layout(_prefixed(model, "layers"), "self_attn", "mlp", "mlp", "self_attn.o_proj"))
+
+for _name in ("bert", "roberta", "xlm-roberta", "electra"):
+    # Post-LN encoders: attn_out / mlp_out are the projections before the residual add + LayerNorm.
+    ARCHITECTURES.register(_name)(
+        lambda model: Layout(_prefixed(model, "encoder.layer"), "attention.output.dense", "intermediate", "output.dense",
+                             "attention.output.dense")
+    )
+
+
+def layout_of(model: nn.Module) -> Layout:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(
+            f"hook sites: architecture '{model_type}' has no layout; supported: {sorted(ARCHITECTURES)}. "
+            "Use module:<path> sites for other models."
+        )
+    return ARCHITECTURES[model_type](model)
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(model.get_submodule(layout_of(model).blocks))
+
+
+def resolve(model: nn.Module, spec: SiteSpec) -> tuple[nn.Module, str]:
+    """The module a site reads and whether it reads that module's input or output."""
+    if spec.kind == "module":
+        try:
+            return model.get_submodule(spec.module_path), spec.read
+        except AttributeError:
+            raise ConfigError(f"hook site '{spec.name}': model has no module '{spec.module_path}'") from None
+    layout = layout_of(model)
+    blocks = model.get_submodule(layout.blocks)
+    if not 0 <= spec.layer < len(blocks):
+        raise ConfigError(f"hook site '{spec.name}': layer {spec.layer} out of range, model has {len(blocks)} layers")
+    block = blocks[spec.layer]
+    where = SITE_KINDS[spec.kind][0]
+    module = block if where == "block" else block.get_submodule(getattr(layout, where))
+    return module, spec.read
+
+
+def _first_tensor_arg(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _output_tensor(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class StopForward(Exception):
+    """Raised from a hook once every requested site is captured: the rest of the model
+    (deeper layers, final norm, LM head) is never computed."""
+
+
+@contextmanager
+def capture(model: nn.Module, specs: list[SiteSpec], stop_early: bool = True):
+    """Within the block, forwards of `model` record each site into the yielded dict
+    (name -> [batch, seq, d]); with stop_early the forward ends at the last needed site.
+    Wrap the forward call in `run_until_captured`."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    wanted = {s.name for s in specs}
+
+    def record(name, tensor):
+        store[name] = tensor.detach()
+        if stop_early and wanted <= store.keys():
+            raise StopForward
+
+    for spec in specs:
+        module, read = resolve(model, spec)
+        if read == "input":
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, kw, n=spec.name: record(n, _first_tensor_arg(a, kw)), with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(lambda m, a, o, n=spec.name: record(n, _output_tensor(o))))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_until_captured(forward: Callable[[], object]) -> None:
+    try:
+        forward()
+    except StopForward:
+        pass
+
+
+@contextmanager
+def splice(model: nn.Module, spec: SiteSpec, replace: Callable[[torch.Tensor], torch.Tensor]):
+    """Within the block, the site's activation is replaced by replace(activation)."""
+    module, read = resolve(model, spec)
+    if read == "input":
+        def pre_hook(m, args, kwargs):
+            if args:
+                return (replace(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
+
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def hook(m, args, out):
+            if isinstance(out, (tuple, list)):
+                return type(out)((replace(out[0]), *out[1:]))
+            return replace(out)
+
+        handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,169 @@
+"""TopK sparse autoencoders (and transcoders) built on the sparse kernels.
+
+The module works in normalised units: inputs are multiplied by `input_scale` (so that
+E||x||^2 = d_in) and targets by `output_scale`; `export.py` folds both constants back into
+the weights. Decoder rows are kept at unit norm (see `project_decoder_grad`/`renorm_decoder`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import kernels
+from framework.registry import Registry
+
+SAE_KINDS: Registry[type] = Registry("SAE kind")
+
+
+@dataclass
+class SAEOutput:
+    x_hat: torch.Tensor  # [B, d_out], normalised units
+    values: torch.Tensor  # [B, k]: codes (0 where a slot is unused)
+    indices: torch.Tensor  # [B, k]: latent ids
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # a kind's extra loss terms, weighted
+
+
+@dataclass
+class NoOptions:
+    """Kind-specific options (`saes.N.options` in the config); TopK has none."""
+
+
+@SAE_KINDS.register("topk")
+class TopKSAE(nn.Module):
+    """Keeps the k largest relu pre-activations per token.
+
+    A new SAE kind subclasses this and registers itself in SAE_KINDS; it may override
+    `Options` (a dataclass of its hyperparameters), `forward` (selection; return extra loss
+    terms in SAEOutput.losses; `self.training` tells training from inference), `after_step`
+    (state updates after each optimizer step), `export_architecture` and `export_extra`.
+    """
+
+    use_abs = False
+    export_architecture = "topk"
+    Options = NoOptions
+
+    def __init__(self, d_in: int, n_latents: int, k: int, d_out: int | None = None, seed: int = 0,
+                 options=None):
+        super().__init__()
+        self.options = options if options is not None else self.Options()
+        self.d_in, self.n_latents, self.k = d_in, n_latents, k
+        self.d_out = d_out or d_in
+        self.is_transcoder = d_out is not None
+        g = torch.Generator().manual_seed(seed)
+        dec = torch.randn(n_latents, self.d_out, generator=g)
+        dec /= dec.norm(dim=1, keepdim=True)
+        # Tied init (encoder = decoder^T) for SAEs; a random encoder of matching scale for transcoders.
+        enc = dec.clone() if not self.is_transcoder else torch.randn(n_latents, d_in, generator=g) / math.sqrt(d_in)
+        self.encoder_weight = nn.Parameter(enc)
+        self.encoder_bias = nn.Parameter(torch.zeros(n_latents))
+        self.decoder_weight = nn.Parameter(dec)
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("output_scale", torch.ones(()))
+
+    # -- units ------------------------------------------------------------------------
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.input_scale
+
+    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.output_scale
+
+    def input_offset(self) -> torch.Tensor:
+        """Subtracted from inputs before encoding: b_dec for SAEs, nothing for transcoders."""
+        return self.b_dec if not self.is_transcoder else self.b_dec.new_zeros(self.d_in)
+
+    # -- math ---------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, k: int | None = None, latent_mask: torch.Tensor | None = None):
+        return kernels.topk_encode(x, self.encoder_weight, self.encoder_bias, self.input_offset(), k or self.k,
+                                   use_abs=self.use_abs, latent_mask=latent_mask)
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        out = kernels.sparse_decode(values, indices, self.decoder_weight)
+        return out + self.b_dec if with_bias else out
+
+    def forward(self, x: torch.Tensor, k: int | None = None) -> SAEOutput:
+        values, indices = self.encode(x, k)
+        return SAEOutput(self.decode(values, indices), values, indices)
+
+    @torch.no_grad()
+    def reconstruct(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the caller's (unnormalised) units."""
+        return self(self.normalize_input(x_raw.float())).x_hat / self.output_scale
+
+    def after_step(self, out: SAEOutput) -> None:
+        """Called (without grad) after each optimizer step; e.g. running thresholds."""
+
+    def export_extra(self, input_scale: float, output_scale: float) -> dict[str, torch.Tensor]:
+        """Tensors beyond W_enc/b_enc/W_dec/b_dec for the SAELens export, in raw units."""
+        return {}
+
+    def load_export_extra(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of export_extra on an export loaded with unit scales."""
+
+    # -- initialisation and constraints -------------------------------------------------
+    @torch.no_grad()
+    def init_from_sample(self, x: torch.Tensor, y: torch.Tensor, normalize: bool, b_dec_init: str) -> None:
+        """Normalisation constants and b_dec from a sample of (input, target) activations."""
+        if normalize:
+            self.input_scale.fill_(math.sqrt(self.d_in / x.pow(2).sum(1).mean().item()))
+            self.output_scale.fill_(math.sqrt(self.d_out / y.pow(2).sum(1).mean().item()))
+        y = y * self.output_scale
+        self.b_dec.copy_(B_DEC_INIT[b_dec_init](y))
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove from each decoder row's gradient its component along the row, so that the
+        step moves along the unit sphere (the renorm after it only corrects curvature)."""
+        w, g = self.decoder_weight, self.decoder_weight.grad
+        if g is not None:
+            g -= (g * w).sum(1, keepdim=True) * w
+
+    @torch.no_grad()
+    def renorm_decoder(self) -> None:
+        self.decoder_weight /= self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@SAE_KINDS.register("abstopk")
+class AbsTopKSAE(TopKSAE):
+    """Keeps the k largest |pre| with their sign: one latent can encode both directions."""
+
+    use_abs = True
+
+
+def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    points = points.double()
+    median = points.mean(0)
+    for _ in range(iters):
+        dist = (points - median).norm(dim=1).clamp_min(1e-8)
+        weights = 1.0 / dist
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() <= tol * median.norm().clamp_min(1e-12):
+            median = new
+            break
+        median = new
+    return median.float()
+
+
+B_DEC_INIT = {
+    "geometric_median": geometric_median,
+    "mean": lambda y: y.mean(0),
+    "zeros": lambda y: y.new_zeros(y.shape[1]),
+}
+
+
+def build_sae(kind: str, d_in: int, n_latents: int, k: int, d_out: int | None = None, seed: int = 0,
+              options: dict | None = None) -> TopKSAE:
+    cls = SAE_KINDS[kind]
+    return cls(d_in, n_latents, k, d_out=d_out, seed=seed, options=parse_options(kind, options or {}))
+
+
+def parse_options(kind: str, options: dict, key: str = "options"):
+    """The kind's typed Options from a config mapping; unknown keys fail with a suggestion."""
+    from framework.config import _build  # noqa: PLC0415
+
+    return _build(SAE_KINDS[kind].Options, options, key)

@@ -1,0 +1,173 @@
+"""Text -> packed token sequences, streamed through Hugging Face `datasets`.
+
+Documents are split deterministically into train and held-out eval by a hash of their content
+(so the two never overlap, whatever the file order), tokenised without special tokens, joined
+with a separator and cut into `context_size` sequences that each start with BOS. A keep-mask
+marks the positions an SAE may see: never BOS, EOS, pad or other special tokens.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import random
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from framework.config import ConfigError, DataConfig
+
+TEXT_SUFFIXES = {".txt": "text", ".rst": "text", ".md": "text", ".text": "text",
+                 ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+EVAL_PERCENT = 5  # share of documents held out for evaluation
+
+
+def _expand_one(item: str) -> list[Path]:
+    p = Path(item).expanduser()
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file() and _suffix(f) in TEXT_SUFFIXES)
+    if p.is_file():
+        return [p]
+    matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
+    return [m for m in matches if m.is_file()]
+
+
+def _suffix(path: Path) -> str:
+    """`.rst.txt` (Sphinx sources) counts as text; otherwise the last suffix."""
+    return path.suffix.lower()
+
+
+def resolve_sources(paths: list[str]) -> tuple[list[Path], list[str]]:
+    """Local files (expanded, sorted) and hub dataset names. Missing local paths are an error."""
+    files, hub = [], []
+    for item in paths:
+        found = _expand_one(item)
+        if found:
+            bad = [f for f in found if _suffix(f) not in TEXT_SUFFIXES]
+            if bad:
+                raise ConfigError(f"data.paths: unsupported file type '{bad[0]}' (supported: {sorted(TEXT_SUFFIXES)})")
+            files.extend(found)
+        elif "/" in item and not item.startswith((".", "/", "~")) and not any(c in item for c in "*?["):
+            hub.append(item)
+        else:
+            raise ConfigError(f"data.paths: '{item}' matches no file (supported: {sorted(TEXT_SUFFIXES)})")
+    return files, hub
+
+
+def is_eval_document(doc: str | list[int]) -> bool:
+    key = doc.encode() if isinstance(doc, str) else str(doc[:64]).encode()
+    return zlib.crc32(key) % 100 < EVAL_PERCENT
+
+
+def _field(cfg: DataConfig) -> str:
+    return cfg.tokens_field or cfg.text_field
+
+
+def _file_documents(files: list[Path], cfg: DataConfig) -> Iterator[str | list[int]]:
+    """One streaming dataset per run of same-type files, so the seeded file order is kept
+    and a plain text file is one document."""
+    from datasets import load_dataset  # noqa: PLC0415
+
+    for builder, group in itertools.groupby(files, key=lambda f: TEXT_SUFFIXES[_suffix(f)]):
+        group = [str(f) for f in group]
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        ds = load_dataset(builder, data_files=group, split="train", streaming=True, **kwargs)
+        column = "text" if builder == "text" else _field(cfg)
+        for row in ds:
+            if column not in row:
+                raise ConfigError(f"data: files {group[:3]} have no column '{column}' (columns: {sorted(row)})")
+            yield row[column]
+
+
+def _hub_documents(name: str, cfg: DataConfig, seed: int) -> Iterator[str | list[int]]:
+    from datasets import load_dataset  # noqa: PLC0415
+
+    ds = load_dataset(name, split=cfg.split, streaming=True)
+    if cfg.shuffle_files:
+        ds = ds.shuffle(seed=seed, buffer_size=1000)
+    for row in ds:
+        yield row[_field(cfg)]
+
+
+def documents(cfg: DataConfig, split: str, seed: int) -> Iterator[str | list[int]]:
+    """Documents of one split. The train split repeats (reshuffled) forever; eval is one pass."""
+    files, hub = resolve_sources(cfg.paths)
+    want_eval = split == "eval"
+    epoch = 0
+    while True:
+        order = list(files)
+        if cfg.shuffle_files:
+            random.Random(seed + epoch).shuffle(order)
+        streams = [_file_documents(order, cfg)] + [_hub_documents(h, cfg, seed + epoch) for h in hub]
+        any_doc = False
+        for stream in streams:
+            for doc in stream:
+                if doc and is_eval_document(doc) == want_eval:
+                    any_doc = True
+                    yield doc
+        if want_eval:
+            return
+        if not any_doc:
+            raise ConfigError(f"data.paths: no training documents found in {cfg.paths}")
+        epoch += 1
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            ids.add(value)
+    return sorted(ids)
+
+
+def _separator_id(tokenizer, cfg: DataConfig) -> int | None:
+    if cfg.separator == "none":
+        return None
+    value = tokenizer.eos_token_id if cfg.separator == "eos" else tokenizer.bos_token_id
+    if value is None:
+        raise ConfigError(f"data.separator: tokenizer has no {cfg.separator} token; use separator: none")
+    return value
+
+
+def pack(docs: Iterator[str | list[int]], tokenizer, cfg: DataConfig) -> Iterator[torch.Tensor]:
+    """Token sequences of exactly context_size: [BOS] + tokens of documents joined by the
+    separator; a document longer than a sequence continues in the next one."""
+    bos = tokenizer.bos_token_id if cfg.prepend_bos else None
+    if cfg.prepend_bos and bos is None:
+        raise ConfigError("data.prepend_bos: tokenizer has no BOS token; set data.prepend_bos=false")
+    sep = _separator_id(tokenizer, cfg)
+    body = cfg.context_size - (1 if bos is not None else 0)
+    pending: list[int] = []
+    for n_doc, doc in enumerate(docs):
+        ids = list(doc) if not isinstance(doc, str) else tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if n_doc and sep is not None:
+            pending.append(sep)
+        pending.extend(ids)
+        while len(pending) >= body:
+            chunk, pending = pending[:body], pending[body:]
+            yield torch.tensor(([bos] if bos is not None else []) + chunk, dtype=torch.long)
+
+
+def keep_mask(ids: torch.Tensor, specials: list[int], exclude_special: bool) -> torch.Tensor:
+    """Positions an SAE may see. Position 0 (BOS, or an attention sink) is always excluded."""
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    if exclude_special and specials:
+        keep &= ~torch.isin(ids, torch.tensor(specials, device=ids.device))
+    keep[..., 0] = False
+    return keep
+
+
+def sequence_batches(cfg: DataConfig, tokenizer, split: str, seed: int) -> Iterator[torch.Tensor]:
+    """[llm_batch_size, context_size] token batches (the last eval batch may be smaller)."""
+    seqs = pack(documents(cfg, split, seed), tokenizer, cfg)
+    batch = []
+    for seq in seqs:
+        batch.append(seq)
+        if len(batch) == cfg.llm_batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)

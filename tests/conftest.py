@@ -1,0 +1,35 @@
+"""Shared fixtures: real English text that ships with Python itself (stdlib docstrings),
+so tests need neither network nor OS documentation packages."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+
+STDLIB_MODULES = ["json", "argparse", "collections", "pathlib", "functools", "itertools", "logging", "textwrap",
+                  "string", "random", "statistics", "datetime", "dataclasses", "difflib", "heapq"]
+
+
+def write_stdlib_text(folder: Path, min_chars: int = 400) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name in STDLIB_MODULES:
+        mod = importlib.import_module(name)
+        docs = [inspect.getdoc(mod) or ""]
+        docs += [inspect.getdoc(obj) or "" for _, obj in sorted(vars(mod).items())
+                 if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name]
+        for i, doc in enumerate(d for d in docs if len(d) >= min_chars):
+            path = folder / f"{name}_{i:03d}.txt"
+            path.write_text(doc)
+            files.append(path)
+    return files
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("text")
+    write_stdlib_text(folder)
+    return folder
