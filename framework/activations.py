@@ -28,9 +28,10 @@ class ActivationSource:
 
     dims: dict[str, int]
 
-    def __init__(self, data_cfg: DataConfig, device: torch.device):
+    def __init__(self, data_cfg: DataConfig, device: torch.device, rank: int = 0, world: int = 1):
         self.data_cfg = data_cfg
         self.device = device
+        self.rank, self.world = rank, world  # this process reads every world-th document/chunk
         self.nonfinite_tokens = 0
         self.outlier_tokens = 0
 
@@ -65,8 +66,9 @@ class ActivationSource:
 class LLMSource(ActivationSource):
     """Activations of a frozen LLM on packed text; the forward stops after the last site."""
 
-    def __init__(self, data_cfg: DataConfig, model, tokenizer, sites: list[str], device: torch.device, seed: int):
-        super().__init__(data_cfg, device)
+    def __init__(self, data_cfg: DataConfig, model, tokenizer, sites: list[str], device: torch.device, seed: int,
+                 rank: int = 0, world: int = 1):
+        super().__init__(data_cfg, device, rank, world)
         self.model, self.tokenizer, self.seed = model, tokenizer, seed
         self.specs = [hooks.parse_site(s) for s in sites]
         for spec in self.specs:
@@ -93,7 +95,7 @@ class LLMSource(ActivationSource):
         return dict(store)
 
     def sequences(self, split: str) -> Iterator[torch.Tensor]:
-        return text_data.sequence_batches(self.data_cfg, self.tokenizer, split, self.seed)
+        return text_data.sequence_batches(self.data_cfg, self.tokenizer, split, self.seed, self.rank, self.world)
 
     def _raw(self, split: str) -> Iterator[Batch]:
         for ids in self.sequences(split):
@@ -147,8 +149,9 @@ class FileSource(ActivationSource):
     """Cached activations: a folder of .safetensors (one tensor per site) or .npy shards.
     The last `eval_rows` rows (in file-name order) are held out for evaluation."""
 
-    def __init__(self, data_cfg: DataConfig, device: torch.device, seed: int, eval_rows: int):
-        super().__init__(data_cfg, device)
+    def __init__(self, data_cfg: DataConfig, device: torch.device, seed: int, eval_rows: int,
+                 rank: int = 0, world: int = 1):
+        super().__init__(data_cfg, device, rank, world)
         folder = Path(data_cfg.activations_dir)
         paths = sorted(p for p in folder.iterdir() if p.suffix in ACTIVATION_SUFFIXES)
         if not paths:
@@ -182,7 +185,7 @@ class FileSource(ActivationSource):
         chunks = [(i, s, min(s + FILE_READ_ROWS, stop)) for i, start, stop in ranges for s in range(start, stop, FILE_READ_ROWS)]
         if rng is not None:
             rng.shuffle(chunks)
-        return chunks
+        return chunks[self.rank::self.world]
 
     def _raw(self, split: str) -> Iterator[Batch]:
         if split == "eval":

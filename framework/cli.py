@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. saes.0.k=64")
     p_train.add_argument("--run-dir", help="shorthand for run_dir=...")
     p_train.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    p_train.add_argument("--no-resume", action="store_true",
+                         help="start fresh even if run_dir holds a checkpoint (default: resume from its latest)")
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown:
@@ -60,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + extra + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     if args.quiet:
         overrides.append("log.progress=false")
+    if args.no_resume:
+        overrides.append("train.resume=false")
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from framework.preemption import PREEMPTED_EXIT_CODE, Preempted  # noqa: PLC0415
     from framework.train import format_summary, train  # noqa: PLC0415  (heavy imports after validation)
 
     try:
@@ -72,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    print(format_summary(summary))
-    print(f"run directory: {cfg.run_dir}")
+    except Preempted as stop:
+        print(f"preempted: {stop}; rerun the same command to resume (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
+        print(f"run directory: {cfg.run_dir}")
     return 0
 
 

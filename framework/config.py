@@ -83,8 +83,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # where the SAEs train
     autocast: str = "none"  # none | bfloat16 (SAE weights stay fp32)
-    checkpoint_every: int = 0  # steps; 0 = only at the end
+    checkpoint_every: int = 0  # steps; 0 = only at the end (and on preemption)
     keep_checkpoints: int = 2
+    resume: bool = True  # continue from RUN_DIR/checkpoints/latest when it exists
 
 
 @dataclass
@@ -104,6 +105,14 @@ class LogConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: str = "ddp"  # ddp | zero1 | zero2 | zero3 (see framework/engine.py)
+    # replicated: every rank trains every SAE on its data shard (data parallel);
+    # layer: each rank owns whole SAEs, activations are routed to their owner each step
+    sae_placement: str = "replicated"
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/debug"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -112,6 +121,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -236,6 +246,12 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.data.source, {"text", "activations"}, "data.source")
     _choice(cfg.data.separator, {"eos", "bos", "none"}, "data.separator")
     _choice(cfg.train.optimizer, optim.OPTIMIZERS, "train.optimizer")
+    from framework.engine import STRATEGIES  # noqa: PLC0415
+
+    _choice(cfg.dist.strategy, STRATEGIES, "dist.strategy")
+    _choice(cfg.dist.sae_placement, {"replicated", "layer"}, "dist.sae_placement")
+    _check(not cfg.dist.strategy.startswith("zero") or cfg.train.optimizer == "adam",
+           f"dist.strategy: {cfg.dist.strategy} needs train.optimizer: adam (DeepSpeed takes torch optimizers)")
     if cfg.data.source == "text":
         llm.check_model_name(cfg.model.name)
         _check(bool(cfg.data.paths), "data.paths: give at least one text file, folder, glob or hub dataset")

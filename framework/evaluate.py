@@ -47,6 +47,16 @@ class ReconstructionStats:
         self.l0 += active.sum()
         self.fires += torch.bincount(indices[active], minlength=self.fires.numel())
 
+    def reduce_(self, reduce) -> "ReconstructionStats":
+        """Sum every accumulator over ranks (each rank evaluated its own held-out shard)."""
+        packed = torch.cat([self.err.reshape(1), self.sum_y2.reshape(1), self.cos.reshape(1), self.norm_ratio.reshape(1),
+                            self.l0.reshape(1), self.err.new_tensor([self.tokens]), self.sum_y])
+        packed = reduce(packed)
+        self.err, self.sum_y2, self.cos, self.norm_ratio, self.l0 = packed[:5]
+        self.tokens, self.sum_y = int(packed[5]), packed[6:]
+        self.fires = reduce(self.fires)
+        return self
+
     def result(self) -> dict[str, float]:
         n = max(self.tokens, 1)
         total_var = self.sum_y2 - self.sum_y.pow(2).sum() / n  # sum ||y - mean||^2
@@ -71,7 +81,7 @@ def reconstruction_metrics(trainers: dict, source_batches: Iterable[dict], n_tok
     stats = {}
     for name, tr in trainers.items():
         sae = tr.sae
-        stats[name] = ReconstructionStats(sae.n_latents, sae.d_out, sae.b_dec.device)
+        stats[name] = ReconstructionStats(sae.n_latents, sae.d_out, tr.tokens_since_fired.device)
     seen = 0
     for batch in source_batches:
         if seen >= n_tokens:
@@ -79,10 +89,9 @@ def reconstruction_metrics(trainers: dict, source_batches: Iterable[dict], n_tok
         take = min(n_tokens - seen, next(iter(batch.values())).shape[0])
         seen += take
         for name, tr in trainers.items():
-            sae = tr.sae
-            x = sae.normalize_input(batch[tr.input_site][:take])
-            y = sae.normalize_target(batch[tr.output_site][:take])
-            with tr.evaluating():
+            with tr.evaluating() as sae:
+                x = sae.normalize_input(batch[tr.input_site][:take])
+                y = sae.normalize_target(batch[tr.output_site][:take])
                 out = sae(x)
             stats[name].add(y, out.x_hat, out.values, out.indices)
     return stats
@@ -109,7 +118,7 @@ def _replacement(keep: torch.Tensor, new_values):
 
 
 @torch.no_grad()
-def splice_metrics(source: LLMSource, trainers: dict, n_tokens: int) -> dict[str, dict[str, float]]:
+def splice_metrics(source: LLMSource, trainers: dict, n_tokens: int, reduce) -> dict[str, dict[str, float]]:
     """delta CE, KL(clean||spliced) and CE recovered for each SAE on held-out sequences."""
     model = source.model
     sums = {name: {"ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for name in trainers}
@@ -125,9 +134,9 @@ def splice_metrics(source: LLMSource, trainers: dict, n_tokens: int) -> dict[str
         predicted += ids[:, 1:].numel()
         for name, tr in trainers.items():
             in_spec, out_spec = hooks.parse_site(tr.input_site), hooks.parse_site(tr.output_site)
-            with hooks.capture(model, [in_spec], stop_early=False) as inputs, tr.evaluating():
-                def predict(act_at_keep, tr=tr, inputs=inputs):
-                    return tr.sae.reconstruct(inputs[in_spec.name][keep])
+            with hooks.capture(model, [in_spec], stop_early=False) as inputs, tr.evaluating() as sae:
+                def predict(act_at_keep, sae=sae, inputs=inputs):
+                    return sae.reconstruct(inputs[in_spec.name][keep])
                 with hooks.splice(model, out_spec, _replacement(keep, predict)):
                     spliced = model(input_ids=ids, use_cache=False).logits
             with hooks.splice(model, out_spec, _replacement(keep, torch.zeros_like)):
@@ -135,6 +144,12 @@ def splice_metrics(source: LLMSource, trainers: dict, n_tokens: int) -> dict[str
             sums[name]["ce_spliced"] += _next_token_ce(spliced, ids).item()
             sums[name]["ce_zero"] += _next_token_ce(zero, ids).item()
             sums[name]["kl"] += _kl_sum(clean, spliced).item()
+    names = list(sums)
+    packed = reduce(torch.tensor([ce_clean, predicted, seen] + [v for n in names for v in sums[n].values()],
+                                 dtype=torch.float64, device=source.device))
+    ce_clean, predicted, seen = packed[0].item(), int(packed[1]), int(packed[2])
+    for i, n in enumerate(names):
+        sums[n] = dict(zip(sums[n], packed[3 + 3 * i: 6 + 3 * i].tolist()))
     out = {}
     for name, s in sums.items():
         clean_ce = ce_clean / max(predicted, 1)
@@ -151,11 +166,17 @@ def splice_metrics(source: LLMSource, trainers: dict, n_tokens: int) -> dict[str
     return out
 
 
-def evaluate(source, trainers: dict, eval_tokens: int, splice_tokens: int, splice: bool) -> dict[str, dict]:
-    """All metrics per SAE name, plus the raw stats (for density histograms)."""
-    stats = reconstruction_metrics(trainers, source.batches("eval"), eval_tokens)
+def evaluate(source, trainers: dict, eval_tokens: int, splice_tokens: int, splice: bool,
+             reduce=lambda t: t, world: int = 1, llm_source=None) -> dict[str, dict]:
+    """All metrics per SAE name, plus the raw stats (for density histograms). When `world`
+    ranks share the SAEs, each evaluates 1/world of the tokens on its own shard and `reduce`
+    sums the statistics. Splicing runs on `llm_source` (default: `source`) when it is an LLM."""
+    llm_source = llm_source if llm_source is not None else source
+    stats = reconstruction_metrics(trainers, source.batches("eval"), max(1, eval_tokens // world))
+    for s in stats.values():
+        s.reduce_(reduce)
     results = {name: s.result() for name, s in stats.items()}
-    if splice and isinstance(source, LLMSource) and is_causal_lm(source.model) and splice_tokens > 0:
-        for name, metrics in splice_metrics(source, trainers, splice_tokens).items():
+    if splice and isinstance(llm_source, LLMSource) and is_causal_lm(llm_source.model) and splice_tokens > 0:
+        for name, metrics in splice_metrics(llm_source, trainers, max(1, splice_tokens // world), reduce).items():
             results[name].update(metrics)
     return {"metrics": results, "stats": stats}

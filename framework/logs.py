@@ -13,21 +13,24 @@ log = logging.getLogger("sparsemill")
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, cfg: LogConfig, total_tokens: int):
+    def __init__(self, run_dir: Path, cfg: LogConfig, total_tokens: int, is_main: bool = True, start_tokens: int = 0):
+        """Only the main rank writes; the others still take part in the metric reductions."""
         self.cfg = cfg
         self.writer = None
-        if cfg.tensorboard:
+        if cfg.tensorboard and is_main:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         self.bar = None
-        if cfg.progress:
+        if cfg.progress and is_main:
             from tqdm import tqdm  # noqa: PLC0415
 
-            self.bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, dynamic_ncols=True, desc="train")
+            self.bar = tqdm(total=total_tokens, initial=start_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
+                            desc="train")
         self.start = time.perf_counter()
-        self.last_tokens, self.last_time = 0, self.start
-        self.hist_tokens = 0
+        self.start_tokens = start_tokens
+        self.last_tokens, self.last_time = start_tokens, self.start
+        self.hist_tokens = start_tokens
 
     def on_step(self, step: int, tokens: int, trainers: dict) -> None:
         if self.bar is not None:
@@ -46,9 +49,11 @@ class RunLogger:
             self.scalar("train/tokens", tokens, step)
             if self.bar is not None:
                 self.bar.set_postfix_str(" | ".join(f"{k}: {v}" for k, v in postfix.items()) + f" | {tok_s:,.0f} tok/s")
-        if self.writer is not None and self.cfg.histogram_every and step % self.cfg.histogram_every == 0:
+        if self.cfg.histogram_every and step % self.cfg.histogram_every == 0:
             for name, tr in trainers.items():
-                self.writer.add_histogram(f"train/{name}/log10_density", tr.density_log10(tokens - self.hist_tokens), step)
+                density = tr.density_log10(tokens - self.hist_tokens)
+                if self.writer is not None:
+                    self.writer.add_histogram(f"train/{name}/log10_density", density, step)
             self.hist_tokens = tokens
 
     def scalar(self, tag: str, value: float, step: int) -> None:

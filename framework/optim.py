@@ -1,15 +1,13 @@
 """Optimizers and learning-rate schedules, by name.
 
-Every entry returns a `Stepper` with the same small interface, so the train loop does not
-care whether the schedule lives in a LambdaLR (Adam) or inside the optimizer (schedule-free).
-`weights_for_eval()` gives the parameters to evaluate and export: schedule-free methods
-evaluate at their averaged point, not at the point where gradients are taken.
+Every entry returns (optimizer, scheduler or None); the engine's Runner steps both. Schedule-
+free methods keep their schedule inside the optimizer and expose train()/eval() to switch to
+their averaged weights for evaluation and export (Runner.weights_for_eval).
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -17,7 +15,7 @@ import torch
 from framework.config import TrainConfig
 from framework.registry import Registry
 
-OPTIMIZERS: Registry[Callable[..., "Stepper"]] = Registry("optimizer")
+OPTIMIZERS: Registry[Callable[..., tuple]] = Registry("optimizer")
 
 # lr at 2^14 latents; scaled by 1/sqrt(n_latents / 2^14) (Gao et al. 2024)
 DEFAULT_LR = {"adam": 2e-4, "signsgd_schedulefree": 5e-3}
@@ -38,44 +36,12 @@ def warmup_decay(step: int, total: int, warmup: int, decay_fraction: float) -> f
     return 1.0
 
 
-class Stepper:
-    def __init__(self, optimizer, scheduler=None):
-        self.optimizer, self.scheduler = optimizer, scheduler
-
-    def step(self) -> None:
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    @contextmanager
-    def weights_for_eval(self):
-        yield
-
-    def state_dict(self) -> dict:
-        out = {"optimizer": self.optimizer.state_dict()}
-        if self.scheduler is not None:
-            out["scheduler"] = self.scheduler.state_dict()
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-
-
 @OPTIMIZERS.register("adam")
-def _adam(params, lr: float, cfg: TrainConfig, total_steps: int) -> Stepper:
+def _adam(params, lr: float, cfg: TrainConfig, total_steps: int):
     opt = torch.optim.Adam(params, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_decay(s, total_steps, cfg.warmup_steps, cfg.decay_fraction))
-    return Stepper(opt, sched)
+    return opt, sched
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -92,24 +58,10 @@ class SignSGD(torch.optim.Optimizer):
                     p.add_(p.grad.sign(), alpha=-group["lr"])
 
 
-class ScheduleFreeStepper(Stepper):
-    @contextmanager
-    def weights_for_eval(self):
-        self.optimizer.eval()
-        try:
-            yield
-        finally:
-            self.optimizer.train()
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-
 @OPTIMIZERS.register("signsgd_schedulefree")
-def _signsgd_schedulefree(params, lr: float, cfg: TrainConfig, total_steps: int) -> Stepper:
+def _signsgd_schedulefree(params, lr: float, cfg: TrainConfig, total_steps: int):
     from schedulefree import ScheduleFreeWrapper  # noqa: PLC0415
 
     opt = ScheduleFreeWrapper(SignSGD(params, lr=lr), momentum=0.95)
     opt.train()
-    return ScheduleFreeStepper(opt)
+    return opt, None

@@ -2,7 +2,8 @@
 
 The module works in normalised units: inputs are multiplied by `input_scale` (so that
 E||x||^2 = d_in) and targets by `output_scale`; `export.py` folds both constants back into
-the weights. Decoder rows are kept at unit norm (see `project_decoder_grad`/`renorm_decoder`).
+the weights. Decoder rows are kept at unit norm (the trainer projects their gradient and
+`renorm_decoder` corrects the curvature after each step).
 """
 
 from __future__ import annotations
@@ -113,14 +114,6 @@ class TopKSAE(nn.Module):
             self.output_scale.fill_(math.sqrt(self.d_out / y.pow(2).sum(1).mean().item()))
         y = y * self.output_scale
         self.b_dec.copy_(B_DEC_INIT[b_dec_init](y))
-
-    @torch.no_grad()
-    def project_decoder_grad(self) -> None:
-        """Remove from each decoder row's gradient its component along the row, so that the
-        step moves along the unit sphere (the renorm after it only corrects curvature)."""
-        w, g = self.decoder_weight, self.decoder_weight.grad
-        if g is not None:
-            g -= (g * w).sum(1, keepdim=True) * w
 
     @torch.no_grad()
     def renorm_decoder(self) -> None:

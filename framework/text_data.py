@@ -91,8 +91,9 @@ def _hub_documents(name: str, cfg: DataConfig, seed: int) -> Iterator[str | list
         yield row[_field(cfg)]
 
 
-def documents(cfg: DataConfig, split: str, seed: int) -> Iterator[str | list[int]]:
-    """Documents of one split. The train split repeats (reshuffled) forever; eval is one pass."""
+def documents(cfg: DataConfig, split: str, seed: int, rank: int = 0, world: int = 1) -> Iterator[str | list[int]]:
+    """Documents of one split (this rank's share: every world-th document). The train split
+    repeats (reshuffled) forever; eval is one pass."""
     files, hub = resolve_sources(cfg.paths)
     want_eval = split == "eval"
     epoch = 0
@@ -102,11 +103,14 @@ def documents(cfg: DataConfig, split: str, seed: int) -> Iterator[str | list[int
             random.Random(seed + epoch).shuffle(order)
         streams = [_file_documents(order, cfg)] + [_hub_documents(h, cfg, seed + epoch) for h in hub]
         any_doc = False
+        index = 0
         for stream in streams:
             for doc in stream:
                 if doc and is_eval_document(doc) == want_eval:
                     any_doc = True
-                    yield doc
+                    if index % world == rank:
+                        yield doc
+                    index += 1
         if want_eval:
             return
         if not any_doc:
@@ -160,9 +164,10 @@ def keep_mask(ids: torch.Tensor, specials: list[int], exclude_special: bool) -> 
     return keep
 
 
-def sequence_batches(cfg: DataConfig, tokenizer, split: str, seed: int) -> Iterator[torch.Tensor]:
+def sequence_batches(cfg: DataConfig, tokenizer, split: str, seed: int, rank: int = 0,
+                     world: int = 1) -> Iterator[torch.Tensor]:
     """[llm_batch_size, context_size] token batches (the last eval batch may be smaller)."""
-    seqs = pack(documents(cfg, split, seed), tokenizer, cfg)
+    seqs = pack(documents(cfg, split, seed, rank, world), tokenizer, cfg)
     batch = []
     for seq in seqs:
         batch.append(seq)

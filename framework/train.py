@@ -7,19 +7,24 @@ import itertools
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 
 from framework import checkpoint, export, hooks
 from framework.activations import ActivationSource, FileSource, LLMSource
 from framework.buffer import MixingBuffer
 from framework.config import ConfigError, RunConfig
+from framework.engine import Engine
 from framework.evaluate import evaluate
-from framework.llm import load_frozen, resolve_device
+from framework.llm import load_frozen
 from framework.logs import RunLogger
+from framework.preemption import Preempted, PreemptionFlag
+from framework.routing import RoutedSource, assign_owners
 from framework.sae_trainer import SAETrainer, total_steps_for
 
 log = logging.getLogger("sparsemill")
@@ -47,12 +52,45 @@ def sae_sites(cfg: RunConfig, source: ActivationSource) -> dict[str, tuple[str, 
     return out
 
 
-def build_source(cfg: RunConfig, device: torch.device) -> ActivationSource:
+def build_source(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1) -> ActivationSource:
     if cfg.data.source == "activations":
-        return FileSource(cfg.data, device, cfg.train.seed, eval_rows=cfg.eval.tokens)
+        return FileSource(cfg.data, device, cfg.train.seed, eval_rows=cfg.eval.tokens, rank=rank, world=world)
     model, tokenizer = load_frozen(cfg.model, seed=cfg.train.seed)
     sites = sorted({s.site for s in cfg.saes} | {s.output_site for s in cfg.saes if s.output_site})
-    return LLMSource(cfg.data, model, tokenizer, sites, device, cfg.train.seed)
+    return LLMSource(cfg.data, model, tokenizer, sites, device, cfg.train.seed, rank, world)
+
+
+def check_layout(cfg: RunConfig, world: int) -> None:
+    """Impossible distributed layouts fail before any model loads."""
+    if cfg.dist.sae_placement == "layer":
+        assign_owners([s.name for s in cfg.saes], world)
+        return
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world}")
+    if cfg.train.buffer_tokens < cfg.train.batch_size // world:
+        raise ConfigError("train.buffer_tokens: must be >= the per-rank batch (train.batch_size / world size)")
+
+
+@dataclass
+class Placement:
+    """Which SAEs this rank trains, where their batches come from, and how many ranks share
+    each SAE's global batch (data parallel: all of them; layer-distributed: one)."""
+
+    saes: list  # SAEConfigs trained here
+    source: object  # batches(split) with the sites these SAEs read
+    share: int  # ranks that split one SAE's batch
+    sae_engine: Engine | None  # engine for the SAEs' wrapping and reductions (None: local)
+    each_rank_writes: bool  # checkpoints/exports: every rank writes its own SAEs
+
+
+def place(cfg: RunConfig, engine: Engine, source: ActivationSource, sites: dict) -> Placement:
+    if cfg.dist.sae_placement == "layer" and engine.world > 1:
+        owners = assign_owners([s.name for s in cfg.saes], engine.world)
+        sites_of_rank = [sorted({site for s in cfg.saes if owners[s.name] == r for site in sites[s.name]})
+                         for r in range(engine.world)]
+        mine = [s for s in cfg.saes if owners[s.name] == engine.rank]
+        return Placement(mine, RoutedSource(source, sites_of_rank, engine.rank, engine.world), 1, None, True)
+    return Placement(list(cfg.saes), source, engine.world, engine, False)
 
 
 def _take_tokens(stream, n_tokens: int) -> list[dict]:
@@ -65,84 +103,141 @@ def _take_tokens(stream, n_tokens: int) -> list[dict]:
     return taken
 
 
-def _tl_names(cfg: RunConfig) -> dict[str, str]:
-    return {s.name: hooks.parse_site(s.site).tl_name if s.site else "" for s in cfg.saes}
+def _broadcast_sample(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's init sample on every rank, so all replicas start from identical weights."""
+    n = torch.tensor([x.shape[0]], device=x.device)
+    dist.broadcast(n, 0)
+    x = x[: int(n)] if x.shape[0] >= int(n) else torch.cat([x, x.new_zeros(int(n) - x.shape[0], x.shape[1])])
+    x = x.contiguous()
+    dist.broadcast(x, 0)
+    return x
 
 
-def run_eval(cfg: RunConfig, source, trainers, logger: RunLogger, step: int) -> dict:
-    result = evaluate(source, trainers, cfg.eval.tokens, cfg.eval.splice_tokens, cfg.eval.splice)
+def init_saes(trainers: dict, sae_cfgs: list, init: list[dict], broadcast: bool) -> None:
+    """Normalisation constants and b_dec from the first tokens of the stream."""
+    for s in sae_cfgs:
+        tr = trainers[s.name]
+        x = torch.cat([b[tr.input_site] for b in init])
+        y = torch.cat([b[tr.output_site] for b in init])
+        if broadcast:
+            x, y = _broadcast_sample(x), _broadcast_sample(y)
+        tr.sae.init_from_sample(x, y, s.normalize_activations, s.b_dec_init)
+
+
+def resume(cfg: RunConfig, ckpt_root: Path, trainers: dict) -> tuple[int, int]:
+    latest = checkpoint.latest_checkpoint(ckpt_root) if cfg.train.resume else None
+    if latest is None:
+        return 0, 0
+    state = checkpoint.load_checkpoint(latest, trainers)
+    log.warning("resuming from %s (step %d, %d tokens); the data stream restarts from its beginning",
+                latest, state["step"], state["tokens"])
+    return state["step"], state["tokens"]
+
+
+def run_eval(cfg: RunConfig, p: Placement, llm_source, trainers, logger: RunLogger, step: int) -> dict:
+    reduce = p.sae_engine.all_reduce_ if p.sae_engine is not None else (lambda t: t)
+    result = evaluate(p.source, trainers, cfg.eval.tokens, cfg.eval.splice_tokens, cfg.eval.splice,
+                      reduce, p.share, llm_source)
     logger.eval_results(result["metrics"], result["stats"], step)
     return result
 
 
-def train(cfg: RunConfig) -> dict:
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-
-    source = build_source(cfg, device)
-    sites = sae_sites(cfg, source)
-    total_steps = total_steps_for(cfg.train)
-    trainers = {
-        s.name: SAETrainer(s, cfg.train, *sites[s.name], source.dims, total_steps, device, seed=cfg.train.seed + i)
-        for i, s in enumerate(cfg.saes)
-    }
-    stream = source.batches("train")
-    init = _take_tokens(stream, cfg.train.init_tokens)
+def export_all(cfg: RunConfig, run_dir: Path, trainers: dict, stats: dict, tokens: int) -> None:
     for s in cfg.saes:
-        tr = trainers[s.name]
-        x = torch.cat([b[tr.input_site] for b in init])
-        y = torch.cat([b[tr.output_site] for b in init])
-        tr.sae.init_from_sample(x, y, s.normalize_activations, s.b_dec_init)
+        if s.name not in trainers:
+            continue
+        with trainers[s.name].evaluating() as sae:
+            export.export_sae(sae, run_dir / "export" / s.name, s.kind, {
+                "model_name": cfg.model.name if cfg.data.source == "text" else "",
+                "hook_name": hooks.parse_site(s.site).tl_name if s.site else "",
+                "hook_name_out": hooks.parse_site(s.output_site).tl_name if s.output_site else None,
+                "context_size": cfg.data.context_size,
+                "prepend_bos": cfg.data.prepend_bos,
+                "dataset_path": ",".join(cfg.data.paths) or cfg.data.activations_dir,
+                "training_tokens": tokens,
+            }, stats[s.name].log10_density())
 
-    logger = RunLogger(run_dir, cfg.log, cfg.train.total_tokens)
-    buffer = MixingBuffer(cfg.train.buffer_tokens, cfg.train.batch_size, cfg.train.seed, device)
+
+def _gather_dicts(d: dict, engine: Engine, needed: bool) -> dict:
+    if not needed:
+        return d
+    parts = [None] * engine.world
+    dist.all_gather_object(parts, d)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def train(cfg: RunConfig) -> dict:
+    engine = Engine(cfg.dist, cfg.train.device)
+    check_layout(cfg, engine.world)
+    run_dir = Path(cfg.run_dir)
+    if engine.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    seed_everything(cfg.train.seed)
+    device = engine.device
+
+    llm_source = build_source(cfg, device, engine.rank, engine.world)
+    sites = sae_sites(cfg, llm_source)
+    p = place(cfg, engine, llm_source, sites)
+    total_steps = total_steps_for(cfg.train)
+    trainers = {s.name: SAETrainer(s, cfg.train, *sites[s.name], p.source.dims, total_steps, device,
+                                   seed=cfg.train.seed + cfg.saes.index(s), engine=p.sae_engine) for s in p.saes}
+    stream = p.source.batches("train")
+    init = _take_tokens(stream, max(1, cfg.train.init_tokens // p.share))
+    init_saes(trainers, p.saes, init, broadcast=p.share > 1)
     ckpt_root = run_dir / "checkpoints"
-    step = tokens = 0
-    for batch in buffer.batches(itertools.chain(init, stream)):
+    save = lambda: checkpoint.save_checkpoint(  # noqa: E731
+        ckpt_root, step, tokens, trainers, {}, cfg.train.keep_checkpoints, engine, p.each_rank_writes)
+    step, tokens = resume(cfg, ckpt_root, trainers)
+
+    logger = RunLogger(run_dir, cfg.log, cfg.train.total_tokens, engine.is_main, start_tokens=tokens)
+    buffer = MixingBuffer(cfg.train.buffer_tokens // p.share, cfg.train.batch_size // p.share,
+                          cfg.train.seed + engine.rank, device)
+    preemption = PreemptionFlag()
+    batches = buffer.batches(itertools.chain(init, stream)) if tokens < cfg.train.total_tokens else iter(())
+    for batch in batches:
         for tr in trainers.values():
             tr.step(batch[tr.input_site], batch[tr.output_site])
         step += 1
         tokens += cfg.train.batch_size
         logger.on_step(step, tokens, trainers)
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-            checkpoint.save_checkpoint(ckpt_root, step, tokens, trainers, {}, cfg.train.keep_checkpoints)
+            save()
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-            run_eval(cfg, source, trainers, logger, step)
+            run_eval(cfg, p, llm_source, trainers, logger, step)
         if tokens >= cfg.train.total_tokens:
             break
+        if preemption.should_stop(engine):
+            save()
+            logger.close()
+            engine.close()
+            raise Preempted(f"stopped by signal {preemption.signal} at step {step}; checkpoint saved in {ckpt_root}")
+    preemption.close()
     train_seconds = logger.elapsed()
-    checkpoint.save_checkpoint(ckpt_root, step, tokens, trainers, {}, cfg.train.keep_checkpoints)
+    save()
 
-    result = run_eval(cfg, source, trainers, logger, step)
-    metrics = result["metrics"]
-    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
-    tl_names = _tl_names(cfg)
-    for s in cfg.saes:
-        tr = trainers[s.name]
-        with tr.evaluating():
-            export.export_sae(tr.sae, run_dir / "export" / s.name, s.kind, {
-                "model_name": cfg.model.name if cfg.data.source == "text" else "",
-                "hook_name": tl_names[s.name],
-                "hook_name_out": hooks.parse_site(s.output_site).tl_name if s.output_site else None,
-                "context_size": cfg.data.context_size,
-                "prepend_bos": cfg.data.prepend_bos,
-                "dataset_path": ",".join(cfg.data.paths) or cfg.data.activations_dir,
-                "training_tokens": tokens,
-            }, result["stats"][s.name].log10_density())
+    result = run_eval(cfg, p, llm_source, trainers, logger, step)
+    if engine.is_main or p.each_rank_writes:
+        export_all(cfg, run_dir, trainers, result["stats"], tokens)
     logger.close()
+    metrics = _gather_dicts(result["metrics"], engine, p.each_rank_writes)
+    skipped = engine.all_reduce_(torch.tensor([llm_source.nonfinite_tokens, llm_source.outlier_tokens], device=device))
     summary = {
         "tokens": tokens,
         "steps": step,
+        "world_size": engine.world,
+        "strategy": cfg.dist.strategy,
+        "sae_placement": cfg.dist.sae_placement,
         "train_seconds": round(train_seconds, 2),
-        "tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1),
-        "nonfinite_tokens_skipped": source.nonfinite_tokens,
-        "outlier_tokens_dropped": source.outlier_tokens,
-        "saes": metrics,
+        "tokens_per_s": round((tokens - logger.start_tokens) / max(train_seconds, 1e-9), 1),
+        "nonfinite_tokens_skipped": int(skipped[0]),
+        "outlier_tokens_dropped": int(skipped[1]),
+        "saes": {s.name: metrics[s.name] for s in cfg.saes},
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if engine.is_main:
+        (run_dir / "eval.json").write_text(json.dumps(summary["saes"], indent=2))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    engine.close()
     return summary
 
 

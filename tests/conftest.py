@@ -15,13 +15,16 @@ STDLIB_MODULES = ["json", "argparse", "collections", "pathlib", "functools", "it
 
 def write_stdlib_text(folder: Path, min_chars: int = 400) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    files = []
+    files, seen = [], set()
     for name in STDLIB_MODULES:
         mod = importlib.import_module(name)
         docs = [inspect.getdoc(mod) or ""]
         docs += [inspect.getdoc(obj) or "" for _, obj in sorted(vars(mod).items())
                  if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name]
         for i, doc in enumerate(d for d in docs if len(d) >= min_chars):
+            if doc in seen:  # classes that share a docstring: keep documents unique
+                continue
+            seen.add(doc)
             path = folder / f"{name}_{i:03d}.txt"
             path.write_text(doc)
             files.append(path)
