@@ -29,6 +29,9 @@ class ModelConfig:
     dtype: str = "float32"  # dtype of the frozen LLM: float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cache_dir: str = ""  # where converted models are cached; "" = ~/.cache/sparsemill
+    # "" = whole model on model.device; "auto" / "balanced" / ... = Accelerate big-model loading
+    # across this node's devices (and CPU/disk offload), for LLMs too big for one device
+    device_map: str = ""
 
 
 @dataclass

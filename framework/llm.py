@@ -149,14 +149,15 @@ def smollm2_folder(cfg: ModelConfig) -> Path:
     return target
 
 
-def _load_pretrained(path_or_name: str, dtype: torch.dtype):
+def _load_pretrained(path_or_name: str, dtype: torch.dtype, device_map: str = ""):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     config = AutoConfig.from_pretrained(path_or_name)
+    kwargs = {"dtype": dtype, **({"device_map": device_map} if device_map else {})}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path_or_name, **kwargs)
     except ValueError:  # encoders (BERT-style) have no causal LM head
-        model = AutoModel.from_pretrained(path_or_name, dtype=dtype)
+        model = AutoModel.from_pretrained(path_or_name, **kwargs)
     log.debug("loaded %s (%s)", path_or_name, config.model_type)
     return model, AutoTokenizer.from_pretrained(path_or_name)
 
@@ -175,11 +176,12 @@ def load_frozen(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, object]:
             torch.manual_seed(seed)
             model = TINY_MODELS[cfg.name]().to(dtype)
         tokenizer = byte_tokenizer()
-    elif cfg.name == "smollm2-135m":
-        model, tokenizer = _load_pretrained(str(smollm2_folder(cfg)), dtype)
     else:
-        model, tokenizer = _load_pretrained(str(Path(cfg.name).expanduser()) if Path(cfg.name).expanduser().exists() else cfg.name, dtype)
+        local = smollm2_folder(cfg) if cfg.name == "smollm2-135m" else Path(cfg.name).expanduser()
+        model, tokenizer = _load_pretrained(str(local) if local.exists() else cfg.name, dtype, cfg.device_map)
     model.eval().requires_grad_(False)
+    if cfg.device_map:  # Accelerate placed the layers (and hooks moving activations between devices)
+        return model, tokenizer
     return model.to(resolve_device(cfg.device)), tokenizer
 
 

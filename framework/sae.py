@@ -33,8 +33,55 @@ class NoOptions:
     """Kind-specific options (`saes.N.options` in the config); TopK has none."""
 
 
+class SAEBase(nn.Module):
+    """What every layout of a dictionary shares (whole, or a shard of its latents): the
+    parameters, the normalisation units and the unit-norm decoder constraint."""
+
+    def _make_parameters(self, n_rows: int, d_in: int, d_out: int, is_transcoder: bool, g: torch.Generator,
+                         dtype: torch.dtype = torch.float32, device=None) -> None:
+        self.d_in, self.d_out, self.is_transcoder = d_in, d_out, is_transcoder
+        dec = torch.randn(n_rows, d_out, generator=g, dtype=dtype)
+        dec /= dec.norm(dim=1, keepdim=True)
+        # Tied init (encoder = decoder^T) for SAEs; a random encoder of matching scale for transcoders.
+        enc = dec.clone() if not is_transcoder else torch.randn(n_rows, d_in, generator=g, dtype=dtype) / math.sqrt(d_in)
+        self.encoder_weight = nn.Parameter(enc.to(device))
+        self.encoder_bias = nn.Parameter(torch.zeros(n_rows, dtype=dtype, device=device))
+        self.decoder_weight = nn.Parameter(dec.to(device))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype, device=device))
+        self.register_buffer("input_scale", torch.ones((), device=device))
+        self.register_buffer("output_scale", torch.ones((), device=device))
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.input_scale
+
+    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.output_scale
+
+    def input_offset(self) -> torch.Tensor:
+        """Subtracted from inputs before encoding: b_dec for SAEs, nothing for transcoders."""
+        return self.b_dec if not self.is_transcoder else self.b_dec.new_zeros(self.d_in)
+
+    @torch.no_grad()
+    def reconstruct(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the caller's (unnormalised) units."""
+        return self(self.normalize_input(x_raw.float())).x_hat / self.output_scale
+
+    @torch.no_grad()
+    def init_from_sample(self, x: torch.Tensor, y: torch.Tensor, normalize: bool, b_dec_init: str) -> None:
+        """Normalisation constants and b_dec from a sample of (input, target) activations
+        (give every rank the same sample: the result is then replicated)."""
+        if normalize:
+            self.input_scale.fill_(math.sqrt(self.d_in / x.pow(2).sum(1).mean().item()))
+            self.output_scale.fill_(math.sqrt(self.d_out / y.pow(2).sum(1).mean().item()))
+        self.b_dec.copy_(B_DEC_INIT[b_dec_init](y * self.output_scale).to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def renorm_decoder(self) -> None:
+        self.decoder_weight /= self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 @SAE_KINDS.register("topk")
-class TopKSAE(nn.Module):
+class TopKSAE(SAEBase):
     """Keeps the k largest relu pre-activations per token.
 
     A new SAE kind subclasses this and registers itself in SAE_KINDS; it may override
@@ -51,31 +98,8 @@ class TopKSAE(nn.Module):
                  options=None):
         super().__init__()
         self.options = options if options is not None else self.Options()
-        self.d_in, self.n_latents, self.k = d_in, n_latents, k
-        self.d_out = d_out or d_in
-        self.is_transcoder = d_out is not None
-        g = torch.Generator().manual_seed(seed)
-        dec = torch.randn(n_latents, self.d_out, generator=g)
-        dec /= dec.norm(dim=1, keepdim=True)
-        # Tied init (encoder = decoder^T) for SAEs; a random encoder of matching scale for transcoders.
-        enc = dec.clone() if not self.is_transcoder else torch.randn(n_latents, d_in, generator=g) / math.sqrt(d_in)
-        self.encoder_weight = nn.Parameter(enc)
-        self.encoder_bias = nn.Parameter(torch.zeros(n_latents))
-        self.decoder_weight = nn.Parameter(dec)
-        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
-        self.register_buffer("input_scale", torch.ones(()))
-        self.register_buffer("output_scale", torch.ones(()))
-
-    # -- units ------------------------------------------------------------------------
-    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.input_scale
-
-    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
-        return y * self.output_scale
-
-    def input_offset(self) -> torch.Tensor:
-        """Subtracted from inputs before encoding: b_dec for SAEs, nothing for transcoders."""
-        return self.b_dec if not self.is_transcoder else self.b_dec.new_zeros(self.d_in)
+        self.n_latents, self.k = n_latents, k
+        self._make_parameters(n_latents, d_in, d_out or d_in, d_out is not None, torch.Generator().manual_seed(seed))
 
     # -- math ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, k: int | None = None, latent_mask: torch.Tensor | None = None):
@@ -90,11 +114,6 @@ class TopKSAE(nn.Module):
         values, indices = self.encode(x, k)
         return SAEOutput(self.decode(values, indices), values, indices)
 
-    @torch.no_grad()
-    def reconstruct(self, x_raw: torch.Tensor) -> torch.Tensor:
-        """Reconstruction in the caller's (unnormalised) units."""
-        return self(self.normalize_input(x_raw.float())).x_hat / self.output_scale
-
     def after_step(self, out: SAEOutput) -> None:
         """Called (without grad) after each optimizer step; e.g. running thresholds."""
 
@@ -104,20 +123,6 @@ class TopKSAE(nn.Module):
 
     def load_export_extra(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of export_extra on an export loaded with unit scales."""
-
-    # -- initialisation and constraints -------------------------------------------------
-    @torch.no_grad()
-    def init_from_sample(self, x: torch.Tensor, y: torch.Tensor, normalize: bool, b_dec_init: str) -> None:
-        """Normalisation constants and b_dec from a sample of (input, target) activations."""
-        if normalize:
-            self.input_scale.fill_(math.sqrt(self.d_in / x.pow(2).sum(1).mean().item()))
-            self.output_scale.fill_(math.sqrt(self.d_out / y.pow(2).sum(1).mean().item()))
-        y = y * self.output_scale
-        self.b_dec.copy_(B_DEC_INIT[b_dec_init](y))
-
-    @torch.no_grad()
-    def renorm_decoder(self) -> None:
-        self.decoder_weight /= self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 @SAE_KINDS.register("abstopk")

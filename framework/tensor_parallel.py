@@ -51,7 +51,6 @@ dp replica holds a full sharded model, every tp group reads the same batch, and
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +58,7 @@ import torch.distributed as dist
 from torch import nn
 
 import kernels
-from framework.sae import B_DEC_INIT, SAE_KINDS, SAEOutput, TopKSAE
+from framework.sae import SAE_KINDS, SAEBase, SAEOutput, TopKSAE
 
 __all__ = [
     "shard_range", "LatentShardedTopK", "ShardedSAEOutput", "from_full", "gather_full", "gather_state",
@@ -208,7 +207,7 @@ class ShardedSAEOutput(SAEOutput):
 
 
 # -- the sharded module ---------------------------------------------------------------------
-class LatentShardedTopK(nn.Module):
+class LatentShardedTopK(SAEBase):
     """One rank's shard of a TopK (or AbsTopK) SAE/transcoder, split over latents.
 
     Parameters (same names as TopKSAE, so optimizers, project/renorm and state_dicts work
@@ -237,56 +236,22 @@ class LatentShardedTopK(nn.Module):
         self.rank, self.world = rank, world
         self.start, self.end = shard_range(n_latents, rank, world)
         self.n_latents, self.n_local, self.k = n_latents, self.end - self.start, k
-        self.d_in, self.d_out = d_in, d_out or d_in
-        self.is_transcoder = d_out is not None
         self.use_abs = use_abs
         self.kind = kind or ("abstopk" if use_abs else "topk")
         self.backend = backend
-        # Fresh init of this shard only (a full model never exists): unit decoder rows, tied
-        # encoder for SAEs. The draw depends on (seed, rank): statistically like TopKSAE's init,
-        # not the same numbers; use `from_full` to shard a given model exactly.
+        # Fresh init of this shard only (a full model never exists): the draw depends on
+        # (seed, rank): statistically like TopKSAE's init, not the same numbers; use
+        # `from_full` to shard a given model exactly.
         g = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-        dec = torch.randn(self.n_local, self.d_out, generator=g, dtype=dtype)
-        dec /= dec.norm(dim=1, keepdim=True)
-        enc = dec.clone() if not self.is_transcoder else (
-            torch.randn(self.n_local, d_in, generator=g, dtype=dtype) / math.sqrt(d_in))
-        self.encoder_weight = nn.Parameter(enc.to(device))
-        self.encoder_bias = nn.Parameter(torch.zeros(self.n_local, dtype=dtype, device=device))
-        self.decoder_weight = nn.Parameter(dec.to(device))
-        self.b_dec = nn.Parameter(torch.zeros(self.d_out, dtype=dtype, device=device))
-        self.register_buffer("input_scale", torch.ones((), device=device))
-        self.register_buffer("output_scale", torch.ones((), device=device))
+        self._make_parameters(self.n_local, d_in, d_out or d_in, d_out is not None, g, dtype, device)
 
-    # -- units and constraints: row-local or replicated, so exact per shard ----------------
-    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.input_scale
-
-    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
-        return y * self.output_scale
-
-    def input_offset(self) -> torch.Tensor:
-        """Subtracted from inputs before encoding: b_dec for SAEs, nothing for transcoders."""
-        return self.b_dec if not self.is_transcoder else self.b_dec.new_zeros(self.d_in)
-
+    # -- constraints: row-local or replicated, so exact per shard (units: SAEBase) ----------
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Remove each decoder row's radial gradient component (rows are local: no comms)."""
         w, g = self.decoder_weight, self.decoder_weight.grad
         if g is not None:
             g -= (g * w).sum(1, keepdim=True) * w
-
-    @torch.no_grad()
-    def renorm_decoder(self) -> None:
-        self.decoder_weight /= self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-    @torch.no_grad()
-    def init_from_sample(self, x: torch.Tensor, y: torch.Tensor, normalize: bool, b_dec_init: str) -> None:
-        """As TopKSAE.init_from_sample; give every rank of the group the same sample (the
-        results are replicated and deterministic)."""
-        if normalize:
-            self.input_scale.fill_(math.sqrt(self.d_in / x.pow(2).sum(1).mean().item()))
-            self.output_scale.fill_(math.sqrt(self.d_out / y.pow(2).sum(1).mean().item()))
-        self.b_dec.copy_(B_DEC_INIT[b_dec_init](y * self.output_scale).to(self.b_dec.dtype))
 
     def sharded_parameters(self) -> list[nn.Parameter]:
         return [self.encoder_weight, self.encoder_bias, self.decoder_weight]
@@ -327,9 +292,6 @@ class LatentShardedTopK(nn.Module):
         values, indices = self.encode(x, k)
         return ShardedSAEOutput(self.decode(values, indices), values, indices, start=self.start)
 
-    @torch.no_grad()
-    def reconstruct(self, x_raw: torch.Tensor) -> torch.Tensor:
-        return self(self.normalize_input(x_raw.float())).x_hat / self.output_scale
 
     # -- group-wide helpers ---------------------------------------------------------------
     def tp_sum(self, t: torch.Tensor) -> torch.Tensor:

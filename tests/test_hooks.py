@@ -105,3 +105,18 @@ def test_attn_z_is_the_concatenated_heads_that_the_output_projection_maps_to_att
     proj = block.get_submodule(layout.attn_z)
     assert got[specs[0].name].shape[-1] == model.config.hidden_size  # n_heads * d_head
     torch.testing.assert_close(proj(got[specs[0].name]), got[specs[1].name])
+
+
+def test_local_folder_loads_with_accelerate_device_map(tmp_path):
+    from framework.llm import check_model_name
+
+    model, tok = load_frozen(ModelConfig(name="tiny-llama", device="cpu"))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    check_model_name(str(tmp_path / "m"))
+    loaded, _ = load_frozen(ModelConfig(name=str(tmp_path / "m"), device_map="cpu"))
+    assert next(loaded.parameters()).device.type == "cpu" and not loaded.training
+    ids = _ids()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(ConfigError, match="holds no config.json"):
+        check_model_name(str(tmp_path))
