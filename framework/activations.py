@@ -38,6 +38,26 @@ class ActivationSource:
     def _raw(self, split: str) -> Iterator[Batch]:
         raise NotImplementedError
 
+    def position_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_position(self, position: dict) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """JSON-able: the train stream's position and the skip counters."""
+        return {"position": self.position_dict(), "rank": self.rank, "world": self.world,
+                "nonfinite_tokens": self.nonfinite_tokens, "outlier_tokens": self.outlier_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Before `batches("train")` is called: the train stream continues after `state`.
+        The position must come from the same rank of the same world size (see merge_positions)."""
+        if (state["rank"], state["world"]) != (self.rank, self.world):
+            raise ValueError(f"data position of rank {state['rank']}/{state['world']} loaded on rank "
+                             f"{self.rank}/{self.world}")
+        self.load_position(state["position"])
+        self.nonfinite_tokens, self.outlier_tokens = state["nonfinite_tokens"], state["outlier_tokens"]
+
     def batches(self, split: str = "train") -> Iterator[Batch]:
         for acts in self._raw(split):
             acts = self._clean(acts)
@@ -76,6 +96,7 @@ class LLMSource(ActivationSource):
         self.specials = text_data.special_token_ids(tokenizer)
         self.dims = self._probe_dims()
         self.tokens_seen = 0
+        self.position = text_data.TextPosition()  # of the train stream
 
     @property
     def model_device(self) -> torch.device:
@@ -95,7 +116,18 @@ class LLMSource(ActivationSource):
         return dict(store)
 
     def sequences(self, split: str) -> Iterator[torch.Tensor]:
-        return text_data.sequence_batches(self.data_cfg, self.tokenizer, split, self.seed, self.rank, self.world)
+        """Token batches; the train split continues from (and advances) `self.position`."""
+        position = self.position if split == "train" else None
+        return text_data.sequence_batches(self.data_cfg, self.tokenizer, split, self.seed, self.rank, self.world,
+                                          position)
+
+    def position_dict(self) -> dict:
+        return {"kind": "text", **self.position.state_dict(), "tokens_seen": self.tokens_seen}
+
+    def load_position(self, position: dict) -> None:
+        _check_kind(position, "text")
+        self.position = text_data.TextPosition.from_state_dict(position)
+        self.tokens_seen = position.get("tokens_seen", 0)
 
     def _raw(self, split: str) -> Iterator[Batch]:
         for ids in self.sequences(split):
@@ -167,6 +199,14 @@ class FileSource(ActivationSource):
             raise ConfigError(f"eval.tokens={eval_rows} leaves no training rows: the files hold {total} rows")
         self.seed = seed
         self.train_ranges, self.eval_ranges = self._split(eval_rows)
+        self.position = {"epoch": 0, "index": 0}  # train stream: epoch, next global chunk index
+
+    def position_dict(self) -> dict:
+        return {"kind": "files", **self.position}
+
+    def load_position(self, position: dict) -> None:
+        _check_kind(position, "files")
+        self.position = {"epoch": position["epoch"], "index": position["index"]}
 
     def _split(self, eval_rows: int):
         train, held = [], []
@@ -182,19 +222,41 @@ class FileSource(ActivationSource):
         return train, held
 
     def _chunks(self, ranges, rng: random.Random | None):
+        """Every chunk of the split in reading order (all ranks'; this rank takes every world-th)."""
         chunks = [(i, s, min(s + FILE_READ_ROWS, stop)) for i, start, stop in ranges for s in range(start, stop, FILE_READ_ROWS)]
         if rng is not None:
             rng.shuffle(chunks)
-        return chunks[self.rank::self.world]
+        return chunks
 
     def _raw(self, split: str) -> Iterator[Batch]:
         if split == "eval":
-            for i, s, e in self._chunks(self.eval_ranges, None):
+            for i, s, e in self._chunks(self.eval_ranges, None)[self.rank::self.world]:
                 yield self.shards[i].read(s, e)
             return
-        epoch = 0
+        epoch, start = self.position["epoch"], self.position["index"]
         while True:
             rng = random.Random(self.seed + epoch) if self.data_cfg.shuffle_files else None
-            for i, s, e in self._chunks(self.train_ranges, rng):
+            chunks = self._chunks(self.train_ranges, rng)
+            first = start + (self.rank - start) % self.world  # this rank's first chunk >= start
+            for j in range(first, len(chunks), self.world):
+                self.position = {"epoch": epoch, "index": j + 1}
+                i, s, e = chunks[j]
                 yield self.shards[i].read(s, e)
-            epoch += 1
+            epoch, start = epoch + 1, 0
+
+
+def _check_kind(position: dict, kind: str) -> None:
+    if position.get("kind") != kind:
+        raise ValueError(f"a data position of kind '{position.get('kind')}' cannot continue a '{kind}' source")
+
+
+def merge_positions(positions: list[dict]) -> dict:
+    """One rank's position for continuing, under another world size, streams that `positions`
+    (one per old rank) describe: the furthest epoch/index any old rank reached. Documents or
+    chunks below it that a lagging rank had not reached yet are skipped, nothing is repeated;
+    the packers' leftover tokens are dropped."""
+    furthest = max(positions, key=lambda p: (p["epoch"], p["index"]))
+    out = {k: v for k, v in furthest.items()}
+    if out["kind"] == "text":
+        out.update(leftover=[], sequences=0, batches=0, tokens_seen=0)
+    return out

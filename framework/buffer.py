@@ -3,6 +3,11 @@
 Activations arrive in sequence order; consecutive tokens are highly correlated. The buffer
 holds `capacity` tokens on the training device, and each time it is full it shuffles and
 emits half of them as batches, keeping the other half to mix with what comes next.
+
+Its whole state is explicit, so a checkpoint taken between two batches resumes exactly:
+`queued` items already taken from the source but not yet mixed in (the init sample), the
+`pending` rows waiting for the next shuffle, the shuffled `ready` rows not yet emitted, and
+the generator. `state_dict()` is a flat tensor dict (safetensors-ready).
 """
 
 from __future__ import annotations
@@ -21,28 +26,88 @@ class MixingBuffer:
         self.capacity, self.batch_size = capacity, batch_size
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.device = device
+        self.queued: list[Batch] = []  # taken from the source, consumed before the stream
         self.pending: list[Batch] = []  # concatenated only when emitting: one copy per refill
         self.rows = 0
+        self.ready: Batch | None = None  # shuffled rows being emitted
+        self.ready_pos = 0
+
+    def push(self, items: list[Batch]) -> None:
+        """Items already taken from the stream (e.g. the init sample): mixed in first."""
+        self.queued.extend(items)
 
     def _append(self, acts: Batch) -> None:
         self.pending.append(acts)
         self.rows += next(iter(acts.values())).shape[0]
 
-    def _emit(self, n_rows: int) -> Iterator[Batch]:
+    def _shuffle(self, n_rows: int) -> None:
         perm = torch.randperm(self.rows, generator=self.generator).to(self.device)
         store = {k: torch.cat([p[k] for p in self.pending])[perm] for k in self.pending[0]}
         n_rows -= n_rows % self.batch_size
         self.pending = [{k: v[n_rows:] for k, v in store.items()}]
         self.rows -= n_rows
-        for start in range(0, n_rows, self.batch_size):
-            yield {k: v[start:start + self.batch_size] for k, v in store.items()}
+        self.ready, self.ready_pos = {k: v[:n_rows] for k, v in store.items()}, 0
+
+    def _drain(self) -> Iterator[Batch]:
+        while self.ready is not None:
+            start = self.ready_pos
+            if start >= next(iter(self.ready.values())).shape[0]:
+                self.ready = None
+                return
+            self.ready_pos = start + self.batch_size  # advanced before the yield: a checkpoint taken
+            yield {k: v[start:self.ready_pos] for k, v in self.ready.items()}  # after it counts it
+
+    def _next_item(self, stream) -> Batch | None:
+        if self.queued:
+            return self.queued.pop(0)
+        return next(stream, None)
 
     def batches(self, stream: Iterator[Batch]) -> Iterator[Batch]:
         """Shuffled batches of exactly batch_size tokens; an unfinished tail is dropped at the
-        end of a finite stream."""
-        for acts in stream:
+        end of a finite stream. Continues from the buffer's current state."""
+        stream = iter(stream)
+        while True:
+            yield from self._drain()
+            acts = self._next_item(stream)
+            if acts is None:
+                break
             self._append(acts)
             if self.rows >= self.capacity:
-                yield from self._emit(max(self.capacity // 2, self.batch_size))
+                self._shuffle(max(self.capacity // 2, self.batch_size))
         if self.rows >= self.batch_size:
-            yield from self._emit(self.rows)
+            self._shuffle(self.rows)
+            yield from self._drain()
+
+    # -- checkpointing ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Keys: ready.<site>, pending.<site>, queued.<i>.<site>, generator, shape."""
+        out: dict[str, torch.Tensor] = {
+            "generator": self.generator.get_state(),
+            "shape": torch.tensor([self.capacity, self.batch_size, len(self.queued)], dtype=torch.long),
+        }
+        cpu = lambda v: v.detach().to("cpu").contiguous()  # noqa: E731
+        if self.ready is not None:
+            out |= {f"ready.{k}": cpu(v[self.ready_pos:]) for k, v in self.ready.items()}
+        if self.pending:
+            out |= {f"pending.{k}": cpu(torch.cat([p[k] for p in self.pending])) for k in self.pending[0]}
+        for i, item in enumerate(self.queued):
+            out |= {f"queued.{i}.{k}": cpu(v) for k, v in item.items()}
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        capacity, batch_size, n_queued = (int(v) for v in state["shape"])
+        if (capacity, batch_size) != (self.capacity, self.batch_size):
+            raise ValueError(f"buffer state has capacity/batch {capacity}/{batch_size}, "
+                             f"this buffer {self.capacity}/{self.batch_size}")
+        self.generator.set_state(state["generator"])
+        dev = lambda v: v.to(self.device)  # noqa: E731
+        ready = {k[len("ready."):]: dev(v) for k, v in state.items() if k.startswith("ready.")}
+        self.ready, self.ready_pos = (ready or None), 0
+        pending = {k[len("pending."):]: dev(v) for k, v in state.items() if k.startswith("pending.")}
+        self.pending = [pending] if pending else []
+        self.rows = next(iter(pending.values())).shape[0] if pending else 0
+        self.queued = [{} for _ in range(n_queued)]
+        for k, v in state.items():
+            if k.startswith("queued."):
+                _, i, site = k.split(".", 2)
+                self.queued[int(i)][site] = dev(v)

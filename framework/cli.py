@@ -1,4 +1,5 @@
-"""Command line: `sparsemill train CONFIG.yaml [dotted.key=value ...]`."""
+"""Command line: `sparsemill train CONFIG.yaml [dotted.key=value ...]`, `sparsemill export RUN_DIR`,
+`sparsemill inspect RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -53,11 +54,29 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--run-dir", help="shorthand for run_dir=...")
     p_train.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     p_train.add_argument("--no-resume", action="store_true",
-                         help="start fresh even if run_dir holds a checkpoint (default: resume from its latest)")
+                         help="start fresh even if run_dir holds a checkpoint (default: resume exactly from the newest "
+                              "valid one; the earlier checkpoints are then moved to run_dir/checkpoints.previous-*)")
+    p_export = sub.add_parser(
+        "export", help="write SAELens folders from a checkpoint",
+        description="Consolidate a checkpoint (any strategy, placement or world size) into one SAELens-format folder "
+                    "per SAE (cfg.json + sae_weights.safetensors, normalisation folded into the weights). The "
+                    "checkpoint is verified against its manifest first.")
+    p_export.add_argument("run_dir", help="run directory (holds checkpoints/)")
+    p_export.add_argument("--checkpoint", help="checkpoint name, e.g. step_00001000 (default: the newest valid one)")
+    p_export.add_argument("--out", help="output folder (default: RUN_DIR/export/<checkpoint name>)")
+    p_inspect = sub.add_parser(
+        "inspect", help="list a run's checkpoints",
+        description="List the checkpoints of a run: step, tokens, validity (every file checked against the "
+                    "manifest's size and sha256), the layout that wrote them, and eval metrics when present.")
+    p_inspect.add_argument("run_dir", help="run directory (holds checkpoints/)")
+    p_inspect.add_argument("--json", action="store_true", help="print the rows as JSON")
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown or (extra and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if args.command in ("export", "inspect"):
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return _checkpoint_command(args)
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + extra + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
@@ -70,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from framework.checkpoint import CheckpointError  # noqa: PLC0415
     from framework.preemption import PREEMPTED_EXIT_CODE, Preempted  # noqa: PLC0415
     from framework.train import format_summary, train  # noqa: PLC0415  (heavy imports after validation)
 
@@ -78,12 +98,34 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 1
     except Preempted as stop:
         print(f"preempted: {stop}; rerun the same command to resume (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
         print(f"run directory: {cfg.run_dir}")
+    return 0
+
+
+def _checkpoint_command(args) -> int:
+    import json  # noqa: PLC0415
+
+    from framework import checkpoint  # noqa: PLC0415
+
+    try:
+        if args.command == "inspect":
+            rows = checkpoint.inspect_run(args.run_dir)
+            print(json.dumps(rows, indent=2) if args.json else checkpoint.format_inspection(args.run_dir, rows))
+            return 0 if rows else 1
+        folders = checkpoint.export_checkpoint(args.run_dir, args.checkpoint, args.out)
+    except checkpoint.CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 1
+    for folder in folders:
+        print(f"exported {folder}")
     return 0
 
 

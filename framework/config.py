@@ -87,7 +87,8 @@ class TrainConfig:
     device: str = "auto"  # where the SAEs train
     autocast: str = "none"  # none | bfloat16 (SAE weights stay fp32)
     checkpoint_every: int = 0  # steps; 0 = only at the end (and on preemption)
-    keep_checkpoints: int = 2
+    checkpoint_minutes: float = 0.0  # also save when this much wall-clock time passed since the last; 0 = off
+    keep_checkpoints: int = 2  # newest checkpoints kept in RUN_DIR/checkpoints (>= 1)
     resume: bool = True  # continue from RUN_DIR/checkpoints/latest when it exists
 
 
@@ -274,6 +275,9 @@ def validate(cfg: RunConfig) -> None:
     _check(t.warmup_steps >= 0, "train.warmup_steps: must be >= 0")
     _check(t.grad_clip >= 0, "train.grad_clip: must be >= 0")
     _check(t.init_tokens > 0, "train.init_tokens: must be > 0")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every: must be >= 0")
+    _check(t.checkpoint_minutes >= 0, "train.checkpoint_minutes: must be >= 0 (0 = off)")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
     _check(cfg.eval.tokens > 0, "eval.tokens: must be > 0")
     _check(cfg.eval.splice_tokens >= 0, "eval.splice_tokens: must be >= 0")
     _check(bool(cfg.saes), "saes: configure at least one SAE")

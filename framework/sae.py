@@ -165,3 +165,4 @@ def parse_options(kind: str, options: dict, key: str = "options"):
     from framework.config import _build  # noqa: PLC0415
 
     return _build(SAE_KINDS[kind].Options, options, key)
+from framework import variants  # noqa: E402,F401  (registers the research SAE kinds)

@@ -94,7 +94,8 @@ class SAEObjective(nn.Module):
             fvu = normalized_mse(out.x_hat.float(), y, self.reduce)
             aux = (self.aux_loss(x, (y - out.x_hat).detach().float(), dead_ids)
                    if dead_ids is not None and dead_ids.numel() else fvu.new_zeros(()))
-            loss = fvu + self.cfg.aux_coef * aux + sum(out.losses.values(), fvu.new_zeros(()))
+            # a kind's extra terms are per-rank means: /world makes them shares of the global loss
+            loss = fvu + self.cfg.aux_coef * aux + sum(out.losses.values(), fvu.new_zeros(())) / self.world
         # x world: the engine averages gradients over ranks; the global loss is their sum.
         return loss * self.world, fvu.detach(), aux.detach(), out
 

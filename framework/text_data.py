@@ -12,6 +12,7 @@ import glob
 import itertools
 import random
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -91,12 +92,43 @@ def _hub_documents(name: str, cfg: DataConfig, seed: int) -> Iterator[str | list
         yield row[_field(cfg)]
 
 
-def documents(cfg: DataConfig, split: str, seed: int, rank: int = 0, world: int = 1) -> Iterator[str | list[int]]:
+@dataclass
+class TextPosition:
+    """Where a rank's train stream stands, updated in place as it yields (so a snapshot taken
+    while the consumer holds a batch is exactly "everything up to that batch"):
+    `epoch` and `index` (the split's next document index; every rank counts the whole split,
+    taking every world-th document), the packer's leftover tokens, and counters. Resuming
+    skips the documents before `index` without tokenising them and restores the leftover."""
+
+    epoch: int = 0
+    index: int = 0
+    started: bool = False  # a document was packed: the separator goes before the next one
+    sequences: int = 0
+    batches: int = 0
+    _pending: list = field(default_factory=list, repr=False)  # packer's buffer; live from _offset
+    _offset: int = 0
+
+    def leftover(self) -> list[int]:
+        return [int(t) for t in self._pending[self._offset:]]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "started": self.started, "sequences": self.sequences,
+                "batches": self.batches, "leftover": self.leftover()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "TextPosition":
+        return cls(state["epoch"], state["index"], state["started"], state["sequences"], state["batches"],
+                   list(state["leftover"]), 0)
+
+
+def documents(cfg: DataConfig, split: str, seed: int, rank: int = 0, world: int = 1,
+              position: TextPosition | None = None) -> Iterator[str | list[int]]:
     """Documents of one split (this rank's share: every world-th document). The train split
-    repeats (reshuffled) forever; eval is one pass."""
+    repeats (reshuffled) forever; eval is one pass. With `position`, the stream starts at its
+    epoch and index and keeps it up to date."""
     files, hub = resolve_sources(cfg.paths)
     want_eval = split == "eval"
-    epoch = 0
+    epoch, start = (position.epoch, position.index) if position is not None else (0, 0)
     while True:
         order = list(files)
         if cfg.shuffle_files:
@@ -108,14 +140,16 @@ def documents(cfg: DataConfig, split: str, seed: int, rank: int = 0, world: int 
             for doc in stream:
                 if doc and is_eval_document(doc) == want_eval:
                     any_doc = True
-                    if index % world == rank:
+                    if index % world == rank and index >= start:
+                        if position is not None:
+                            position.epoch, position.index = epoch, index + 1
                         yield doc
                     index += 1
         if want_eval:
             return
         if not any_doc:
             raise ConfigError(f"data.paths: no training documents found in {cfg.paths}")
-        epoch += 1
+        epoch, start = epoch + 1, 0
 
 
 def special_token_ids(tokenizer) -> list[int]:
@@ -136,23 +170,37 @@ def _separator_id(tokenizer, cfg: DataConfig) -> int | None:
     return value
 
 
-def pack(docs: Iterator[str | list[int]], tokenizer, cfg: DataConfig) -> Iterator[torch.Tensor]:
+def pack(docs: Iterator[str | list[int]], tokenizer, cfg: DataConfig,
+         position: TextPosition | None = None) -> Iterator[torch.Tensor]:
     """Token sequences of exactly context_size: [BOS] + tokens of documents joined by the
-    separator; a document longer than a sequence continues in the next one."""
+    separator; a document longer than a sequence continues in the next one. With `position`,
+    packing starts from its leftover tokens and keeps them up to date."""
     bos = tokenizer.bos_token_id if cfg.prepend_bos else None
     if cfg.prepend_bos and bos is None:
         raise ConfigError("data.prepend_bos: tokenizer has no BOS token; set data.prepend_bos=false")
     sep = _separator_id(tokenizer, cfg)
     body = cfg.context_size - (1 if bos is not None else 0)
-    pending: list[int] = []
-    for n_doc, doc in enumerate(docs):
+    position = position if position is not None else TextPosition()
+    pending, offset, started = position.leftover(), 0, position.started
+    head = [bos] if bos is not None else []
+    docs = iter(docs)
+    while True:
+        while len(pending) - offset >= body:
+            chunk = pending[offset:offset + body]
+            offset += body
+            position._pending, position._offset, position.sequences = pending, offset, position.sequences + 1
+            yield torch.tensor(head + chunk, dtype=torch.long)
+        doc = next(docs, None)
+        if doc is None:
+            return
         ids = list(doc) if not isinstance(doc, str) else tokenizer(doc, add_special_tokens=False)["input_ids"]
-        if n_doc and sep is not None:
+        pending = pending[offset:]  # a new list: a snapshot held by `position` stays intact
+        offset = 0
+        if started and sep is not None:
             pending.append(sep)
         pending.extend(ids)
-        while len(pending) >= body:
-            chunk, pending = pending[:body], pending[body:]
-            yield torch.tensor(([bos] if bos is not None else []) + chunk, dtype=torch.long)
+        started = position.started = True
+        position._pending, position._offset = pending, offset
 
 
 def keep_mask(ids: torch.Tensor, specials: list[int], exclude_special: bool) -> torch.Tensor:
@@ -165,13 +213,17 @@ def keep_mask(ids: torch.Tensor, specials: list[int], exclude_special: bool) -> 
 
 
 def sequence_batches(cfg: DataConfig, tokenizer, split: str, seed: int, rank: int = 0,
-                     world: int = 1) -> Iterator[torch.Tensor]:
-    """[llm_batch_size, context_size] token batches (the last eval batch may be smaller)."""
-    seqs = pack(documents(cfg, split, seed, rank, world), tokenizer, cfg)
+                     world: int = 1, position: TextPosition | None = None) -> Iterator[torch.Tensor]:
+    """[llm_batch_size, context_size] token batches (the last eval batch may be smaller).
+    With `position` (train), the stream continues from it and keeps it up to date: at each
+    yield it describes exactly the batches yielded so far."""
+    seqs = pack(documents(cfg, split, seed, rank, world, position), tokenizer, cfg, position)
     batch = []
     for seq in seqs:
         batch.append(seq)
         if len(batch) == cfg.llm_batch_size:
+            if position is not None:
+                position.batches += 1
             yield torch.stack(batch)
             batch = []
     if batch:

@@ -3,7 +3,6 @@ evaluation, logs and SAELens exports in RUN_DIR."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import random
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from framework import checkpoint, export, hooks
+from framework import checkpoint, export
 from framework.activations import ActivationSource, FileSource, LLMSource
 from framework.buffer import MixingBuffer
 from framework.config import ConfigError, RunConfig
@@ -124,38 +123,24 @@ def init_saes(trainers: dict, sae_cfgs: list, init: list[dict], broadcast: bool)
         tr.sae.init_from_sample(x, y, s.normalize_activations, s.b_dec_init)
 
 
-def resume(cfg: RunConfig, ckpt_root: Path, trainers: dict) -> tuple[int, int]:
-    latest = checkpoint.latest_checkpoint(ckpt_root) if cfg.train.resume else None
-    if latest is None:
-        return 0, 0
-    state = checkpoint.load_checkpoint(latest, trainers)
-    log.warning("resuming from %s (step %d, %d tokens); the data stream restarts from its beginning",
-                latest, state["step"], state["tokens"])
-    return state["step"], state["tokens"]
-
-
 def run_eval(cfg: RunConfig, p: Placement, llm_source, trainers, logger: RunLogger, step: int) -> dict:
     reduce = p.sae_engine.all_reduce_ if p.sae_engine is not None else (lambda t: t)
-    result = evaluate(p.source, trainers, cfg.eval.tokens, cfg.eval.splice_tokens, cfg.eval.splice,
-                      reduce, p.share, llm_source)
+    with checkpoint.training_weights_kept(trainers.values()):
+        result = evaluate(p.source, trainers, cfg.eval.tokens, cfg.eval.splice_tokens, cfg.eval.splice,
+                          reduce, p.share, llm_source)
     logger.eval_results(result["metrics"], result["stats"], step)
     return result
 
 
-def export_all(cfg: RunConfig, run_dir: Path, trainers: dict, stats: dict, tokens: int) -> None:
+def export_all(cfg: RunConfig, run_dir: Path, trainers: dict, stats: dict, tokens: int, write: bool) -> None:
+    """Every rank enters (gathering ZeRO-3 parameters is collective); those that `write` export."""
     for s in cfg.saes:
         if s.name not in trainers:
             continue
-        with trainers[s.name].evaluating() as sae:
-            export.export_sae(sae, run_dir / "export" / s.name, s.kind, {
-                "model_name": cfg.model.name if cfg.data.source == "text" else "",
-                "hook_name": hooks.parse_site(s.site).tl_name if s.site else "",
-                "hook_name_out": hooks.parse_site(s.output_site).tl_name if s.output_site else None,
-                "context_size": cfg.data.context_size,
-                "prepend_bos": cfg.data.prepend_bos,
-                "dataset_path": ",".join(cfg.data.paths) or cfg.data.activations_dir,
-                "training_tokens": tokens,
-            }, stats[s.name].log10_density())
+        with checkpoint.training_weights_kept([trainers[s.name]]), trainers[s.name].evaluating() as sae:
+            if write:
+                export.export_sae(sae, run_dir / "export" / s.name, s.kind, checkpoint.export_metadata(cfg, s, tokens),
+                                  stats[s.name].log10_density())
 
 
 def _gather_dicts(d: dict, engine: Engine, needed: bool) -> dict:
@@ -182,43 +167,47 @@ def train(cfg: RunConfig) -> dict:
     total_steps = total_steps_for(cfg.train)
     trainers = {s.name: SAETrainer(s, cfg.train, *sites[s.name], p.source.dims, total_steps, device,
                                    seed=cfg.train.seed + cfg.saes.index(s), engine=p.sae_engine) for s in p.saes}
-    stream = p.source.batches("train")
-    init = _take_tokens(stream, max(1, cfg.train.init_tokens // p.share))
-    init_saes(trainers, p.saes, init, broadcast=p.share > 1)
-    ckpt_root = run_dir / "checkpoints"
-    save = lambda: checkpoint.save_checkpoint(  # noqa: E731
-        ckpt_root, step, tokens, trainers, {}, cfg.train.keep_checkpoints, engine, p.each_rank_writes)
-    step, tokens = resume(cfg, ckpt_root, trainers)
-
-    logger = RunLogger(run_dir, cfg.log, cfg.train.total_tokens, engine.is_main, start_tokens=tokens)
     buffer = MixingBuffer(cfg.train.buffer_tokens // p.share, cfg.train.batch_size // p.share,
                           cfg.train.seed + engine.rank, device)
+    ckpt = checkpoint.CheckpointManager(run_dir / "checkpoints", cfg, engine, trainers, buffer, llm_source,
+                                        p.each_rank_writes)
+    resumed = ckpt.resume(cfg.train.resume)  # restores weights, optimizer, counters, data position, buffer, RNG
+    stream = p.source.batches("train")  # continues at the restored position
+    if resumed is None:  # fresh: normalisation and b_dec from the first tokens, which then train too
+        init = _take_tokens(stream, max(1, cfg.train.init_tokens // p.share))
+        init_saes(trainers, p.saes, init, broadcast=p.share > 1)
+        buffer.push(init)
+    step, tokens = (resumed["step"], resumed["tokens"]) if resumed else (0, 0)
+
+    logger = RunLogger(run_dir, cfg.log, cfg.train.total_tokens, engine.is_main, start_tokens=tokens)
+    logger.hist_tokens = resumed.get("hist_tokens", tokens) if resumed else 0
+    last_eval = resumed.get("eval") if resumed else None
+    save = lambda: ckpt.save(step, tokens, {"hist_tokens": logger.hist_tokens, "eval": last_eval})  # noqa: E731
     preemption = PreemptionFlag()
-    batches = buffer.batches(itertools.chain(init, stream)) if tokens < cfg.train.total_tokens else iter(())
-    for batch in batches:
+    for batch in buffer.batches(stream) if tokens < cfg.train.total_tokens else ():
         for tr in trainers.values():
             tr.step(batch[tr.input_site], batch[tr.output_site])
         step += 1
         tokens += cfg.train.batch_size
         logger.on_step(step, tokens, trainers)
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+        if ckpt.due(step):
             save()
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-            run_eval(cfg, p, llm_source, trainers, logger, step)
+            metrics = run_eval(cfg, p, llm_source, trainers, logger, step)["metrics"]
+            last_eval = {"step": step, "metrics": _gather_dicts(metrics, engine, p.each_rank_writes)}
         if tokens >= cfg.train.total_tokens:
             break
         if preemption.should_stop(engine):
             save()
             logger.close()
             engine.close()
-            raise Preempted(f"stopped by signal {preemption.signal} at step {step}; checkpoint saved in {ckpt_root}")
+            raise Preempted(f"stopped by signal {preemption.signal} at step {step}; checkpoint saved in {ckpt.root}")
     preemption.close()
     train_seconds = logger.elapsed()
     save()
 
     result = run_eval(cfg, p, llm_source, trainers, logger, step)
-    if engine.is_main or p.each_rank_writes:
-        export_all(cfg, run_dir, trainers, result["stats"], tokens)
+    export_all(cfg, run_dir, trainers, result["stats"], tokens, write=engine.is_main or p.each_rank_writes)
     logger.close()
     metrics = _gather_dicts(result["metrics"], engine, p.each_rank_writes)
     skipped = engine.all_reduce_(torch.tensor([llm_source.nonfinite_tokens, llm_source.outlier_tokens], device=device))

@@ -23,6 +23,7 @@ the backward's sparse products run as CSR sparse x dense kernels on CPU.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -32,7 +33,20 @@ DEFAULT_LATENT_CHUNK = 4096
 _TILE_ELEMS = 1 << 22  # rows x chunk of one pre-activation tile: 16 MiB in fp32, fits L3
 _BATCH_CHUNK_ELEMS = 1 << 18  # bound on B_chunk * k * d temporaries (non-CPU fallback)
 _CSR_DTYPES = (torch.float32, torch.float64)  # what the CPU sparse kernels implement
+_CSR_MIN_WORK = 1 << 20  # B*k*d below which the plain loops win (no sparse-kernel setup)
 
+_scratch_buffers = threading.local()
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread buffer reused across calls: a fresh 16 MiB tile costs thousands of page
+    faults per forward on CPU, more than the top-k work on it."""
+    cache = _scratch_buffers.__dict__
+    key = (name, dtype, device)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
 
 
 def _score(pre: torch.Tensor, use_abs: bool) -> torch.Tensor:
@@ -40,36 +54,62 @@ def _score(pre: torch.Tensor, use_abs: bool) -> torch.Tensor:
 
 
 def _merge_topk(best, score, pre, offset, k):
-    """Merge one tile's candidates into the running (score, pre, index) triple of the k best.
+    """Merge one tile's candidates into the running (score, pre, index) triple of the k best
+    (pre is None while it equals score, i.e. without use_abs).
 
     Once a row holds k finite scores, only tile entries above its k-th best can enter, and
-    after the first tile there are few of them: they are found with one comparison pass and
-    packed into a small [rows, width] candidate block instead of running topk on the tile.
+    after the first tile there are few of them: they are found by `_above` and packed into a
+    small [rows, width] candidate block instead of running topk over the whole tile.
     """
-    rows = score.shape[0]
+    rows, width = score.shape
     if best is not None and best[0].shape[1] == k:
-        thr = best[0].min(dim=1, keepdim=True).values
+        thr = best[0].amin(dim=1, keepdim=True)
         if bool(torch.isfinite(thr).all()):
-            r, c = (score > thr).nonzero(as_tuple=True)  # row-major: r is sorted
+            r, flat = _above(score, thr)
             if r.numel() == 0:
                 return best
             counts = torch.bincount(r, minlength=rows)
-            pos = torch.arange(r.numel(), device=r.device) - (counts.cumsum(0) - counts)[r]
-            width = int(counts.max())
-            cand_score = score.new_full((rows, width), float("-inf"))
-            cand_pre = pre.new_zeros((rows, width))
-            cand_idx = torch.zeros((rows, width), dtype=torch.int64, device=r.device)
-            cand_score[r, pos] = score[r, c]
-            cand_pre[r, pos] = pre[r, c]
-            cand_idx[r, pos] = c + offset
-            cand = (cand_score, cand_pre, cand_idx)
-            best = tuple(torch.cat([a, b], 1) for a, b in zip(best, cand))
-            return _keep_topk(best, k)
-    cand_score, c = score.topk(min(k, score.shape[1]), dim=1, sorted=False)
-    cand = (cand_score, pre.gather(1, c), c + offset)
-    if best is None:
-        return cand
-    return _keep_topk(tuple(torch.cat([a, b], 1) for a, b in zip(best, cand)), k)
+            w = int(counts.max())
+            dest = r * w + torch.arange(r.numel(), device=r.device) - (counts.cumsum(0) - counts)[r]
+
+            def pack(src, fill):
+                out = src.new_full((rows * w,), fill)
+                return out.index_copy_(0, dest, src).view(rows, w)
+
+            cand = (
+                pack(score.take(flat), float("-inf")),
+                None if pre is None else pack(pre.take(flat), 0.0),
+                pack(flat - r * width + offset, 0),
+            )
+            return _keep_topk(_cat(best, cand), k)
+    cand_score, c = score.topk(min(k, width), dim=1, sorted=False)
+    cand = (cand_score, None if pre is None else pre.gather(1, c), c + offset)
+    return cand if best is None else _keep_topk(_cat(best, cand), k)
+
+
+def _cat(a, b):
+    return tuple(None if x is None else torch.cat([x, y], 1) for x, y in zip(a, b))
+
+
+_GROUP = 4
+
+
+def _above(score, thr):
+    """(rows, flat indices) of the entries of score above their row's thr, rows ascending.
+
+    Filtering G-strided column groups by their max first (one vectorised amax pass) leaves
+    the comparison and the nonzero to G times fewer elements; only the few groups that can
+    hold a survivor are then looked at element by element."""
+    rows, width = score.shape
+    if width % _GROUP:
+        r, c = (score > thr).nonzero(as_tuple=True)
+        return r, r * width + c
+    span = width // _GROUP
+    gmax = score.view(rows, _GROUP, span).amax(1)  # group j = columns {j, j + span, ...}
+    r, j = (gmax > thr).nonzero(as_tuple=True)
+    flat = (r * width + j).unsqueeze(1) + span * torch.arange(_GROUP, device=r.device)
+    pos, g = (score.take(flat) > thr[r]).nonzero(as_tuple=True)
+    return r[pos], flat[pos, g]
 
 
 def _keep_topk(best, k):
@@ -77,7 +117,7 @@ def _keep_topk(best, k):
     if score.shape[1] <= k:
         return best
     score, pos = score.topk(k, dim=1, sorted=False)
-    return score, pre.gather(1, pos), idx.gather(1, pos)
+    return score, None if pre is None else pre.gather(1, pos), idx.gather(1, pos)
 
 
 @torch.no_grad()
@@ -102,8 +142,8 @@ def select_topk(
     chunk = max(1, min(chunk_size, n))
     block = max(1, min(B, _TILE_ELEMS // chunk))
     dtype = torch.promote_types(x_centered.dtype, encoder_weight.dtype)
-    pre_buf = torch.empty(block * chunk, dtype=dtype, device=x_centered.device)
-    abs_buf = torch.empty_like(pre_buf) if use_abs else None
+    pre_buf = _scratch("pre", block * chunk, dtype, x_centered.device)
+    abs_buf = _scratch("abs", block * chunk, dtype, x_centered.device) if use_abs else None
     blocks = []
     for r0 in range(0, B, block):
         xb = x_centered[r0 : r0 + block]
@@ -118,9 +158,13 @@ def select_topk(
                 score = torch.abs(pre, out=abs_buf[: pre.numel()].view_as(pre))
                 if latent_mask is not None:
                     score.masked_fill_(~latent_mask[start:end], float("-inf"))
-            best = _merge_topk(best, score, pre, start, k)
+            best = _merge_topk(best, score, pre if use_abs else None, start, k)
         blocks.append(best)
-    best_score, best_pre, best_idx = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*blocks))
+    best_score, best_pre, best_idx = (
+        None if parts[0] is None else torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*blocks)
+    )
+    if best_pre is None:
+        best_pre = best_score
     valid = torch.isfinite(best_score)
     return best_pre, best_idx, valid
 
@@ -136,8 +180,8 @@ def _rows_of_batch(total_rows: int, per_row_elems: int):
         yield slice(start, min(start + step, total_rows))
 
 
-def _use_csr(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
+def _use_csr(t: torch.Tensor, work: int) -> bool:
+    return t.device.type == "cpu" and work >= _CSR_MIN_WORK
 
 
 def _csr_dtype(t: torch.Tensor) -> torch.dtype:
@@ -157,7 +201,7 @@ def scatter_outer(
     G sparse [B, n_latents] (k non-zeros per row). Cost B*k*d, never B*n."""
     B, k = indices.shape
     d = rows.shape[1]
-    if _use_csr(rows):
+    if _use_csr(rows, B * k * d):
         # G^T in CSR: its rows are latents, so sort the (token, slot) pairs by latent.
         dt = _csr_dtype(rows)
         flat = indices.reshape(-1)
@@ -165,8 +209,11 @@ def scatter_outer(
         crow = torch.zeros(n_latents + 1, dtype=torch.int64)
         torch.cumsum(torch.bincount(flat, minlength=n_latents), 0, out=crow[1:])
         gt = _csr(crow, order // k, coeffs.reshape(-1)[order].to(dt), (n_latents, B))
+        out = torch.empty(n_latents, d, dtype=dt)
         with torch.autocast("cpu", enabled=False):
-            return (gt @ rows.to(dt)).to(rows.dtype)
+            # beta=0: `out` is only written (no zero fill, no copy from a column-major result)
+            torch.addmm(out, gt, rows.to(dt), beta=0.0, out=out)
+        return out.to(rows.dtype)
     out = rows.new_zeros(n_latents, d)
     for sl in _rows_of_batch(B, k * d):
         contrib = coeffs[sl].unsqueeze(2) * rows[sl].unsqueeze(1)  # [b, k, d]
@@ -178,7 +225,7 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor
     """out[b, j] = <vectors[b], table[indices[b, j]]>: (vectors @ table^T) sampled at the
     k selected entries per row, never the dense product."""
     B, k = indices.shape
-    if _use_csr(vectors):
+    if _use_csr(vectors, B * k * table.shape[1]):
         dt = _csr_dtype(vectors)
         cols, perm = indices.sort(dim=1)  # CSR wants sorted columns within a row
         crow = torch.arange(0, B * k + 1, k)
@@ -194,8 +241,9 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor
 
 
 def gather_sum(indices: torch.Tensor, values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """out[b] = sum_j values[b, j] * table[indices[b, j]] (an embedding bag)."""
-    return F.embedding_bag(indices, table, per_sample_weights=values, mode="sum")
+    """out[b] = sum_j values[b, j] * table[indices[b, j]] (an embedding bag, in the table's
+    dtype: e.g. bf16 values from an autocast region with fp32 weights)."""
+    return F.embedding_bag(indices, table, per_sample_weights=values.to(table.dtype), mode="sum")
 
 
 class TopKEncode(torch.autograd.Function):

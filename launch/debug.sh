@@ -5,6 +5,7 @@
 #
 # Writes checkpoints, SAELens exports, TensorBoard logs, eval.json and summary.json into the
 # config's run_dir (override with run_dir=...). Environment: PYTHON (default python3).
+# SIGUSR1/SIGTERM: checkpoint at the next step and exit 75; rerunning the same command resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +14,7 @@ dry_run=0
 args=()
 for a in "$@"; do
   case "$a" in
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     --dry-run) dry_run=1 ;;
     *) args+=("$a") ;;
   esac

@@ -67,6 +67,7 @@ def test_signal_checkpoints_exits_75_and_resumes(tmp_path, text_dir, sig=signal.
     done = subprocess.run([sys.executable, "-m", "framework", "train", str(path), "--quiet"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "resuming from" in done.stderr
+    assert "resuming from" in done.stderr and "the data stream continues where it stopped" in done.stderr
+    assert "train.total_tokens: 10000000 -> " in done.stderr  # the changed budget is reported, not refused
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == state["step"] + 3 and summary["tokens"] == target

@@ -66,3 +66,59 @@ def test_ties_select_a_valid_set():
     v, i = ref.topk_encode(x, W, torch.zeros(8, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), 3, chunk_size=3)
     assert (v == 2).all()
     assert all(len(set(row)) == 3 for row in i.tolist())
+
+
+def _poisoned_empty(real_empty):
+    def empty(*size, dtype=None, device=None, **kw):
+        t = real_empty(*size, dtype=dtype, device=device, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    return empty
+
+
+@pytest.mark.parametrize("use_abs,masked", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("chunk", [16, 13])  # 16: strided-group filter; 13: element filter
+def test_cpu_fast_paths_match_dense(monkeypatch, use_abs, masked, chunk):
+    """Many row blocks, the threshold filter, the CSR backward (forced on at this size) and
+    reused / fresh buffers poisoned with NaN: still the dense float64 result."""
+    monkeypatch.setattr(ref, "_TILE_ELEMS", 64)  # 4-row blocks
+    monkeypatch.setattr(ref, "_CSR_MIN_WORK", 0)
+    monkeypatch.setattr(ref, "_scratch_buffers", __import__("threading").local())
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
+    B, d, n, k = 37, 9, 120, 5
+    inp = _inputs(B, d, n, seed=chunk + 10 * use_abs + 100 * masked, dtype=torch.float32)
+    mask = (torch.arange(n) % 3 != 0) if masked else None
+    dense_inp = [t.detach().double().requires_grad_() for t in inp]
+    v, i = ref.topk_encode(*inp, k, use_abs=use_abs, latent_mask=mask, chunk_size=chunk)
+    dv, di = ref.dense_topk_reference(*dense_inp, k, use_abs, mask)
+    v_s, i_s = _sorted_by_index(v, i)
+    dv_s, di_s = _sorted_by_index(dv, di)
+    assert torch.equal(i_s, di_s)
+    torch.testing.assert_close(v_s.double(), dv_s, atol=1e-5, rtol=1e-5)
+    Wd = torch.randn(n, 11, requires_grad=True)
+    Wd64 = Wd.detach().double().requires_grad_()
+    out = ref.sparse_decode(v, i, Wd)
+    dout = ref.sparse_decode(dv, di, Wd64)
+    up = torch.randn_like(out)
+    (out * up).sum().backward()
+    (dout * up.double()).sum().backward()
+    torch.testing.assert_close(out.double(), dout, atol=1e-5, rtol=1e-5)
+    for a, b in zip(inp + [Wd], dense_inp + [Wd64]):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_and_autocast_run_and_agree():
+    x, W, b_enc, b_dec = (t.detach() for t in _inputs(64, 32, 300, seed=5, dtype=torch.float32))
+    ref_v, ref_i = ref.topk_encode(x, W, b_enc, b_dec, 8)
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (x, W, b_enc, b_dec)]
+    v, i = ref.topk_encode(*leaves, 8)
+    ref.sparse_decode(v, i, leaves[1]).float().sum().backward()
+    assert v.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in leaves)
+    agree = (i.sort(1).values == ref_i.sort(1).values).all(1).float().mean()
+    assert agree > 0.8  # bf16 rounding may swap near-ties
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        av, ai = ref.topk_encode(x, W.requires_grad_(), b_enc, b_dec, 8)
+        out = ref.sparse_decode(av, ai, W)
+    out.float().sum().backward()
+    assert torch.isfinite(W.grad).all()
+    torch.testing.assert_close(av.float().sort(1).values, ref_v.sort(1).values, atol=0.05, rtol=0.05)

@@ -52,7 +52,7 @@ def test_decoder_projection_and_renorm_keep_unit_rows():
 
 
 def test_auxk_trains_only_dead_latents_and_is_zero_without_dead():
-    tr = _trainer(n=64, k=1, aux_k=4, dead_after_tokens=1)
+    tr = _trainer(n=64, k=1, aux_k=4, dead_after_tokens=1, lr=1e-4)
     x = torch.randn(16, 8)
     tr.sae.init_from_sample(x, x, True, "mean")
     m0 = tr.step(x, x)
@@ -65,7 +65,7 @@ def test_auxk_trains_only_dead_latents_and_is_zero_without_dead():
     # with AuxK, dead latents' encoder rows receive gradient and move
     assert not torch.equal(before[dead], tr.sae.encoder_weight.detach()[dead])
     # without it they cannot (they are selected by nobody)
-    tr2 = _trainer(n=64, k=1, aux_k=4, aux_coef=0.0, dead_after_tokens=1)
+    tr2 = _trainer(n=64, k=1, aux_k=4, aux_coef=0.0, dead_after_tokens=1, lr=1e-4)
     tr2.sae.init_from_sample(x, x, True, "mean")
     tr2.step(x, x)
     dead2 = tr2.dead_mask()

@@ -1,0 +1,164 @@
+"""Gradient SAEs (g-SAE; Olmo et al., "Features that Make a Difference"): TopK selection that
+also weighs each latent by how much its decoder direction moves the LLM's loss.
+
+    score_j = relu(pre_j) * (1 + beta * |<W_dec[j], g>|),   g = d(LM loss) / d(activation)
+
+The k latents with the largest score are active, with their ordinary values relu(pre_j); the
+gradient only changes *which* latents are chosen. Without a gradient (inference, or a source
+that provides none) the selection is plain TopK, and the export is SAELens `topk`.
+
+`lm_activation_grads` gives activations and d(LM loss)/d(activation) for a HF causal LM; see
+README.md in this folder for its cost and for how a training source feeds the gradient in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from framework import hooks
+from framework.sae import SAE_KINDS, SAEOutput
+from framework.variants.common import VariantSAE, require
+from kernels import reference
+
+
+@dataclass
+class GSAEOptions:
+    beta: float = 1.0  # weight of the gradient term in the selection score
+    normalize_grad: bool = True  # rescale g so that its RMS norm over the batch is 1 (makes beta unit-free)
+    use_grad_at_inference: bool = False  # in eval mode, use a gradient if one was given (default: plain TopK)
+    latent_chunk: int = 4096  # latents per tile of the (unfused) scoring pass
+
+    def __post_init__(self):
+        require(self.beta >= 0, "options.beta: must be >= 0")
+        require(self.latent_chunk >= 1, "options.latent_chunk: must be >= 1")
+
+
+class _GatheredRelu(torch.autograd.Function):
+    """relu(<x_c[b], W[idx[b, j]]> + bias[idx[b, j]]) for given indices: the TopK kernel's sparse
+    forward/backward (kernels.reference primitives) without its selection."""
+
+    @staticmethod
+    def forward(ctx, x_centered, weight, bias, idx):
+        pre = reference.gather_dot(idx, weight, x_centered) + bias[idx]
+        live = pre > 0
+        ctx.save_for_backward(x_centered, weight, idx, live)
+        return torch.where(live, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_centered, weight, idx, live = ctx.saved_tensors
+        g = torch.where(live, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        n = weight.shape[0]
+        grad_x = reference.gather_sum(idx, g, weight) if ctx.needs_input_grad[0] else None
+        grad_w = reference.scatter_outer(idx, g, x_centered, n).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = g.new_zeros(n).index_add_(0, idx.reshape(-1), g.reshape(-1)) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+@torch.no_grad()
+def gradient_topk_indices(x_centered, encoder_weight, encoder_bias, decoder_weight, grad, k: int, beta: float,
+                          chunk: int = 4096) -> torch.Tensor:
+    """[B, k] indices of the largest relu(pre) * (1 + beta |grad . W_dec[j]|), tile by tile over
+    latents with a running top-k (B x chunk at a time, never B x n)."""
+    n = encoder_weight.shape[0]
+    best_s = best_i = None
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        pre = torch.addmm(encoder_bias[start:end], x_centered, encoder_weight[start:end].T)
+        score = pre.clamp_min(0) * (1 + beta * (grad @ decoder_weight[start:end].T).abs())
+        s, i = score.topk(min(k, end - start), dim=1)
+        i = i + start
+        if best_s is not None:
+            s, pos = torch.cat([best_s, s], 1).topk(k, dim=1)
+            i = torch.cat([best_i, i], 1).gather(1, pos)
+        best_s, best_i = s, i
+    return best_i
+
+
+@SAE_KINDS.register("gsae")
+class GradientSAE(VariantSAE):
+    """TopK whose selection is tilted towards latents that move the LLM's loss (see module doc).
+    Give the gradient per batch with `set_grad(grad_raw)` before the training step (or
+    `forward(x, k, grad=g)` in normalised units); without one the step is plain TopK."""
+
+    Options = GSAEOptions
+    export_architecture = "topk"
+    wants_grad = True  # marker for the train loop (see README: wiring)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending_grad: torch.Tensor | None = None
+
+    def set_grad(self, grad_raw: torch.Tensor | None) -> None:
+        """d(loss)/d(activation) at the output site (the reconstructed one: for an SAE its input
+        site), in the caller's raw units, rows aligned with the next batch. Used once."""
+        self._pending_grad = None if grad_raw is None else grad_raw / self.output_scale
+
+    def forward(self, x: torch.Tensor, k: int | None = None, grad: torch.Tensor | None = None,
+                target: torch.Tensor | None = None) -> SAEOutput:
+        k = k or self.k
+        if grad is None:
+            grad, self._pending_grad = self._pending_grad, None
+        if grad is not None and grad.shape[0] != x.shape[0]:
+            raise ValueError(f"gsae: gradient rows {grad.shape[0]} != batch rows {x.shape[0]}")
+        use = grad is not None and (self.training or self.options.use_grad_at_inference) and self.options.beta > 0
+        if not use:
+            values, indices = self.encode(x, k)
+        else:
+            g = grad.detach().to(x.dtype)
+            if self.options.normalize_grad:
+                g = g / g.pow(2).sum(1).mean().sqrt().clamp_min(1e-20)
+            x_centered = x - self.input_offset()
+            idx = gradient_topk_indices(x_centered.detach(), self.encoder_weight.detach(), self.encoder_bias.detach(),
+                                        self.decoder_weight.detach(), g, min(k, self.n_latents), self.options.beta,
+                                        self.options.latent_chunk)
+            values, indices = _GatheredRelu.apply(x_centered, self.encoder_weight, self.encoder_bias, idx), idx
+        return SAEOutput(self.decode(values, indices), values, indices)
+
+
+# ----------------------------------------------------------------------------- LM gradients
+
+GRAD_SUFFIX = "@grad"
+
+
+def grad_key(site: str) -> str:
+    """Batch key under which a source yields d(LM loss)/d(activation) for `site`."""
+    return site + GRAD_SUFFIX
+
+
+def lm_activation_grads(model, input_ids: torch.Tensor, site: str, attention_mask: torch.Tensor | None = None,
+                        loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(activations [b, s, d], d(LM loss)/d(activations) [b, s, d], loss) at a hook site.
+
+    LM loss = next-token cross-entropy summed over predicted positions (those where
+    loss_mask[:, 1:] is True, default all), so the gradient at a token is not diluted by the
+    batch size. One forward through the whole model (the hooked activation is made a leaf that
+    requires grad) and one backward from the logits down to the hook only: no gradient is formed
+    for any weight, and layers below the hook are not back-propagated through.
+    Cost per token ~ forward of all layers + LM head, plus an activation-only backward of the
+    layers above the hook + LM head (~1x their forward FLOPs): about 2-3x the early-stopped
+    capture that plain training uses, and the activations of the layers above the hook are kept
+    for the backward (memory ~ batch x seq x d x layers above x a few)."""
+    spec = hooks.parse_site(site)
+    leaf: dict[str, torch.Tensor] = {}
+
+    def make_leaf(act: torch.Tensor) -> torch.Tensor:
+        leaf["act"] = act.detach().requires_grad_(True)
+        return leaf["act"]
+
+    with torch.enable_grad(), hooks.splice(model, spec, make_leaf):
+        kwargs = {"input_ids": input_ids, "use_cache": False}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        logits = model(**kwargs).logits
+        if "act" not in leaf:
+            raise RuntimeError(f"hook site '{site}' was not reached by the forward")
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+        if loss_mask is not None:
+            ce = ce * loss_mask[:, 1:].flatten().to(ce.dtype)
+        loss = ce.sum()
+        (grad,) = torch.autograd.grad(loss, leaf["act"])
+    return leaf["act"].detach(), grad.detach(), loss.detach()

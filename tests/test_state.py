@@ -1,0 +1,490 @@
+"""The state manager: exact resume after kill -9 (1 process, and 2-process ddp through torchrun),
+atomic saves, corruption fallback, disk full, export and inspect, resumable data streams."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from framework import checkpoint, text_data
+from framework.activations import FileSource, merge_positions
+from framework.buffer import MixingBuffer
+from framework.checkpoint import CheckpointError, InvalidCheckpoint, compatibility, verify
+from framework.cli import main
+from framework.config import DataConfig, load_config
+from framework.export import load_exported
+from framework.llm import byte_tokenizer
+from framework.train import train
+
+STEP_BATCH = 256
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid and every process below it (torchrun starts its workers in their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _kill9(proc: subprocess.Popen) -> None:
+    for pid in _descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+
+
+def _saves(root: Path, since: float = 0.0) -> tuple[set[str], set[str]]:
+    """(published, in-progress) checkpoint folder names; in-progress ones only if (re)created
+    after `since` (a killed save leaves its temporary folder until the next save)."""
+    if not root.is_dir():
+        return set(), set()
+    published, pending = set(), set()
+    for p in root.iterdir():
+        try:
+            if p.name.startswith("step_"):
+                published.add(p.name)
+            elif p.name.startswith(".tmp_step_") and p.stat().st_mtime >= since:
+                pending.add(p.name)
+        except FileNotFoundError:  # renamed while we looked
+            pass
+    return published, pending
+
+
+def _same_weights(a: Path, b: Path, names) -> None:
+    for name in names:
+        x, y = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
+        assert set(x) == set(y)
+        for key in x:
+            assert torch.equal(x[key], y[key]), f"{name}:{key} differs"
+
+
+def _final(run: Path) -> Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+def _all_published_valid(root: Path) -> None:
+    for path in checkpoint.list_checkpoints(root):
+        verify(path)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("acts")
+    g = np.random.default_rng(0)
+    dictionary = g.standard_normal((48, 16)).astype(np.float32)
+    for i in range(3):
+        codes = (g.random((5000, 48)) < 0.06) * g.exponential(1.0, (5000, 48))
+        np.save(folder / f"shard{i}.npy", (codes @ dictionary).astype(np.float32))
+    return folder
+
+
+def _files_cfg(folder: Path, shards: Path, steps: int = 24, **train) -> Path:
+    cfg = {
+        "run_dir": str(folder / "run"),
+        "data": {"source": "activations", "activations_dir": str(shards)},
+        "saes": [{"name": "s", "n_latents": 64, "k": 4, "dead_after_tokens": 1024},
+                 {"name": "abs", "n_latents": 32, "k": 3, "kind": "abstopk"}],
+        "train": {"total_tokens": steps * STEP_BATCH, "batch_size": STEP_BATCH, "buffer_tokens": 1024,
+                  "init_tokens": 600, "warmup_steps": 2, "checkpoint_every": 2, "keep_checkpoints": 3, **train},
+        "eval": {"tokens": 1000, "every_steps": 8},
+        "log": {"progress": False, "every_steps": 3, "histogram_every": 5, "tensorboard": False},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards) -> Path:
+    """An uninterrupted 24-step run on activation files (checkpoints at 20, 22, 24)."""
+    folder = tmp_path_factory.mktemp("reference")
+    summary = train(load_config(_files_cfg(folder, shards)))
+    assert summary["steps"] == 24
+    return folder / "run"
+
+
+def _copy_run(reference: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the reference run whose config points at the copy."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    cfg = yaml.safe_load((reference / "config.yaml").read_text())
+    cfg["run_dir"] = str(run)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return run, path
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_mixing_buffer_resumes_from_any_batch():
+    g = torch.Generator().manual_seed(0)
+    items = [{"a": torch.randn(int(n), 3, generator=g), "b": torch.randn(int(n), 2, generator=g)}
+             for n in torch.randint(20, 90, (40,), generator=g)]
+
+    def make():
+        return MixingBuffer(capacity=200, batch_size=32, seed=5, device=torch.device("cpu"))
+
+    def counted(rest, taken):
+        for item in rest:
+            taken[0] += 1
+            yield item
+
+    full = make()
+    full.push(items[:3])
+    expected = list(full.batches(iter(items[3:])))
+    for cut in (1, 4, 9, 17):
+        buf = make()
+        buf.push(items[:3])
+        taken = [0]
+        gen = buf.batches(counted(items[3:], taken))
+        got = [next(gen) for _ in range(cut)]
+        state = {k: v.clone() for k, v in buf.state_dict().items()}
+        fresh = make()
+        fresh.load_state_dict(state)
+        got += list(fresh.batches(iter(items[3 + taken[0]:])))
+        assert len(got) == len(expected)
+        for x, y in zip(got, expected):
+            assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_text_position_continues_the_stream_exactly(text_dir):
+    tok = byte_tokenizer()
+    cfg = DataConfig(paths=[str(text_dir)], context_size=24, llm_batch_size=3)
+    for rank, world in ((0, 1), (1, 2)):
+        expected = list(itertools.islice(text_data.sequence_batches(cfg, tok, "train", 0, rank, world), 60))
+        pos = text_data.TextPosition()
+        head = list(itertools.islice(text_data.sequence_batches(cfg, tok, "train", 0, rank, world, pos), 23))
+        saved = json.loads(json.dumps(pos.state_dict()))  # as stored in a checkpoint
+        assert saved["batches"] == 23 and saved["leftover"]  # mid-document: leftover tokens carried over
+        resumed = text_data.TextPosition.from_state_dict(saved)
+        tail = list(itertools.islice(text_data.sequence_batches(cfg, tok, "train", 0, rank, world, resumed), 37))
+        assert all(torch.equal(a, b) for a, b in zip(head + tail, expected))
+
+
+def test_file_position_resumes_across_epochs_and_merges_for_other_world_sizes(tmp_path):
+    g = np.random.default_rng(1)
+    for i in range(3):
+        np.save(tmp_path / f"{i}.npy", g.standard_normal((5000, 4)).astype(np.float32))
+    data = DataConfig(source="activations", activations_dir=str(tmp_path))
+
+    def source(rank=0, world=1):
+        return FileSource(data, torch.device("cpu"), 0, eval_rows=100, rank=rank, world=world)
+
+    src = source()
+    expected = [b["activations"] for b in itertools.islice(src.batches("train"), 14)]  # > 2 epochs of 4 chunks
+    first = source()
+    head = [b["activations"] for b in itertools.islice(first.batches("train"), 6)]
+    state = json.loads(json.dumps(first.state_dict()))
+    second = source()
+    second.load_state_dict(state)
+    tail = [b["activations"] for b in itertools.islice(second.batches("train"), 8)]
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, expected))
+
+    # two ranks at different depths -> one rank continues from the furthest, repeating nothing
+    ranks = [source(r, 2) for r in range(2)]
+    seen = [[b["activations"][0, 0].item() for b in itertools.islice(s.batches("train"), n)]
+            for s, n in zip(ranks, (1, 2))]
+    merged = source()
+    merged.load_position(merge_positions([s.state_dict()["position"] for s in ranks]))
+    after = [b["activations"][0, 0].item() for b in itertools.islice(merged.batches("train"), 2)]
+    assert not set(after) & set(seen[0] + seen[1])
+
+
+def test_world_size_and_strategy_transitions():
+    manifest = {"world_size": 2, "strategy": "ddp", "sae_placement": "replicated"}
+    assert compatibility(manifest, 2, "ddp", "replicated") == "exact"
+    assert compatibility(manifest, 1, "ddp", "replicated") == "elastic"
+    assert compatibility(manifest, 4, "ddp", "layer") == "elastic"
+    with pytest.raises(CheckpointError, match="optimizer state of ddp and zero2 differ"):
+        compatibility(manifest, 2, "zero2", "replicated")
+    zero = {"world_size": 2, "strategy": "zero2", "sae_placement": "replicated"}
+    assert compatibility(zero, 2, "zero2", "replicated") == "exact"
+    with pytest.raises(CheckpointError, match="partitioned for 2 rank"):
+        compatibility(zero, 1, "zero2", "replicated")
+
+
+# --------------------------------------------------------------------------- single-process runs
+
+
+def test_in_process_stops_resume_bitwise_on_text(tmp_path, text_dir, monkeypatch):
+    """Text source: stop (the preemption path) at step 7 and resume: equal to the straight run."""
+    from framework import train as train_module
+    from framework.preemption import Preempted
+
+    path = _text_cfg(tmp_path, text_dir)
+
+    def cfg(run):
+        return load_config(path, [f"run_dir={run}", "train.total_tokens=2048", "train.checkpoint_every=0"])
+
+    train(cfg(tmp_path / "straight"))
+    calls = iter(range(1, 10**6))
+    monkeypatch.setattr(train_module.PreemptionFlag, "should_stop", lambda self, engine: next(calls) == 7)
+    with pytest.raises(Preempted):
+        train(cfg(tmp_path / "stopped"))
+    train(cfg(tmp_path / "stopped"))
+    _same_weights(_final(tmp_path / "straight"), _final(tmp_path / "stopped"), ["r"])
+    state = json.loads((_final(tmp_path / "stopped") / "rank_00000.json").read_text())
+    assert state["source"]["position"]["kind"] == "text" and state["source"]["position"]["batches"] > 0
+
+
+@pytest.mark.slow
+def test_kill9_at_random_moments_resumes_bitwise(tmp_path, shards, reference):
+    """kill -9 five times (two of them while a checkpoint is being written), then finish: the
+    weights equal the uninterrupted run's bit for bit, and every published checkpoint verifies."""
+    path = _files_cfg(tmp_path, shards)
+    root = tmp_path / "run" / "checkpoints"
+    env = {**os.environ, checkpoint.SAVE_DELAY_ENV: "0.08"}  # saves take ~1 s: kills can land inside
+    cmd = [sys.executable, "-m", "framework", "train", str(path), "--quiet"]
+    rng = random.Random(7)
+    report = []
+    for trial in range(5):
+        before, _ = _saves(root)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not _saves(root)[0] - before:
+            time.sleep(0.02)  # progress first: this run publishes a checkpoint
+        since = time.time() - 0.01
+        if trial in (1, 3):  # killed the moment its next save starts writing
+            while time.time() < deadline and proc.poll() is None and not _saves(root, since)[1]:
+                time.sleep(0.01)
+            time.sleep(0.05)
+        else:
+            time.sleep(rng.uniform(0.0, 0.8))
+        mid_save = bool(_saves(root, since)[1])
+        _kill9(proc)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+        report.append((trial, mid_save, checkpoint.latest_name(root)))
+        _all_published_valid(root)
+    assert sum(mid for _, mid, _ in report) >= 2, report
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr and "continues where it stopped" in done.stderr
+    _same_weights(_final(reference), _final(tmp_path / "run"), ["s", "abs"])
+    print("kill -9 trials (trial, mid-save, latest at kill):", report)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip", "manifest"])
+def test_corrupted_latest_falls_back_and_still_ends_bitwise(tmp_path, reference, damage, caplog):
+    run, path = _copy_run(reference, tmp_path)
+    latest = run / "checkpoints" / "step_00000024"
+    victim = latest / "s.safetensors"
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:-100])
+        problem = "s.safetensors is truncated"
+    elif damage == "delete":
+        victim.unlink()
+        problem = "s.safetensors is missing"
+    elif damage == "flip":
+        data = bytearray(victim.read_bytes())
+        data[-5] ^= 0x40
+        victim.write_bytes(bytes(data))
+        problem = "s.safetensors fails its sha256 check"
+    else:
+        (latest / "manifest.json").unlink()
+        problem = "no manifest.json"
+    with pytest.raises(InvalidCheckpoint, match=problem):
+        verify(latest)
+    assert f"INVALID: step_00000024: " in checkpoint.format_inspection(run, checkpoint.inspect_run(run))
+    train(load_config(path))
+    assert "falling back to an older one" in caplog.text and problem in caplog.text
+    assert "resuming from" in caplog.text and "step_00000022" in caplog.text
+    _same_weights(_final(reference), latest, ["s", "abs"])  # step 24 re-done from 22: identical
+    verify(latest)
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_stops(tmp_path, shards, reference, monkeypatch, capsys):
+    path = _files_cfg(tmp_path, shards)
+    real_write = checkpoint._write_file
+    count = {"n": 0}
+
+    def full_disk(target: Path, data: bytes) -> None:
+        if target.parent.name == ".tmp_step_00000006" and target.name == "s.safetensors":
+            real_write(target, data[: len(data) // 2])  # a partial file, then the error
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+        count["n"] += 1
+        real_write(target, data)
+
+    monkeypatch.setattr(checkpoint, "_write_file", full_disk)
+    assert main(["train", str(path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint error: could not write checkpoint step_00000006" in err
+    assert "No space left on device" in err and "previous checkpoint step_00000004 is intact" in err
+    root = tmp_path / "run" / "checkpoints"
+    assert checkpoint.latest_name(root) == "step_00000004"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004"]
+    _all_published_valid(root)
+
+    monkeypatch.setattr(checkpoint, "_write_file", real_write)  # space freed: the rerun resumes
+    assert main(["train", str(path), "--quiet"]) == 0
+    _same_weights(_final(reference), _final(tmp_path / "run"), ["s", "abs"])
+
+
+def test_config_changes_that_break_the_state_are_refused(tmp_path, reference, caplog):
+    run, path = _copy_run(reference, tmp_path)
+    with pytest.raises(CheckpointError, match=r"different configuration \(train.batch_size: 256 -> 128\)"):
+        train(load_config(path, ["train.batch_size=128"]))
+    # a longer budget is fine: it resumes (with a warning) and continues
+    summary = train(load_config(path, [f"train.total_tokens={26 * STEP_BATCH}"]))
+    assert summary["steps"] == 26 and "train.total_tokens: 6144 -> 6656" in caplog.text
+
+
+def test_no_resume_moves_old_checkpoints_aside(tmp_path, reference):
+    run, path = _copy_run(reference, tmp_path)
+    summary = train(load_config(path, ["train.resume=false", f"train.total_tokens={4 * STEP_BATCH}"]))
+    assert summary["steps"] == 4
+    assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == ["step_00000002", "step_00000004"]
+    (aside,) = run.glob("checkpoints.previous-*")
+    assert len(checkpoint.list_checkpoints(aside)) == 3
+
+
+def test_wall_clock_checkpoints(tmp_path, shards):
+    path = _files_cfg(tmp_path, shards, steps=4, checkpoint_every=0, checkpoint_minutes=1e-9)
+    train(load_config(path, ["eval.every_steps=0"]))
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert names == ["step_00000002", "step_00000003", "step_00000004"]  # one per step, the newest 3 kept
+
+
+def test_export_of_a_checkpoint_equals_the_live_export(tmp_path, reference, capsys):
+    out = tmp_path / "exported"
+    assert main(["export", str(reference), "--out", str(out)]) == 0
+    assert "exported" in capsys.readouterr().out
+    x = torch.from_numpy(np.load(sorted(Path(yaml.safe_load((reference / "config.yaml").read_text())
+                                              ["data"]["activations_dir"]).glob("*.npy"))[0])[:300])
+    for name in ("s", "abs"):
+        live, ckpt = load_exported(reference / "export" / name), load_exported(out / name)
+        assert torch.equal(ckpt.reconstruct(x), live.reconstruct(x))
+        cfg = json.loads((out / name / "cfg.json").read_text())
+        assert cfg["metadata"]["training_tokens"] == 24 * STEP_BATCH
+    assert main(["export", str(reference), "--checkpoint", "step_00000022", "--out", str(tmp_path / "e22")]) == 0
+    assert main(["export", str(reference), "--checkpoint", "step_00000099"]) == 1
+    assert "no checkpoint 'step_00000099'" in capsys.readouterr().err
+
+
+def test_schedule_free_saves_do_not_perturb_training_and_export_eval_weights(tmp_path, shards):
+    runs = {}
+    for every in (0, 1):
+        folder = tmp_path / f"every{every}"
+        train(load_config(_files_cfg(folder, shards, steps=6, optimizer="signsgd_schedulefree",
+                                     checkpoint_every=every), ["eval.every_steps=0"]))
+        runs[every] = folder / "run"
+    _same_weights(_final(runs[0]), _final(runs[1]), ["s", "abs"])
+    tensors = load_file(str(_final(runs[1]) / "s.safetensors"))
+    assert any(k.startswith("eval.") for k in tensors)
+    assert not torch.equal(tensors["eval.encoder_weight"], tensors["sae.encoder_weight"])
+    checkpoint.export_checkpoint(runs[1], out=tmp_path / "out")
+    x = torch.randn(200, 16)
+    for name in ("s", "abs"):
+        live, ckpt = load_exported(runs[1] / "export" / name), load_exported(tmp_path / "out" / name)
+        assert torch.equal(ckpt.reconstruct(x), live.reconstruct(x))
+
+
+def test_inspect_lists_checkpoints_validity_and_metrics(tmp_path, reference, capsys):
+    assert main(["inspect", str(reference)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("  step_")]
+    assert [line.split()[0] for line in lines] == ["step_00000020", "step_00000022", "step_00000024"]
+    assert all("valid" in line and "ddp/replicated x1" in line for line in lines)
+    assert lines[-1].endswith("<- latest") and "tokens 6,144" in lines[-1]
+    assert "eval at step 16: s: fvu=" in out and "final eval: abs: fvu=" in out
+    run, _ = _copy_run(reference, tmp_path)
+    (run / "checkpoints" / "step_00000022" / "rank_00000.json").write_text("{}")
+    assert main(["inspect", str(run), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert not rows["step_00000022"]["valid"] and "rank_00000.json is truncated" in rows["step_00000022"]["problem"]
+    assert rows["step_00000024"]["valid"] and rows["step_00000024"]["latest"]
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _text_cfg(folder: Path, text_dir: Path) -> Path:
+    cfg = {
+        "run_dir": str(folder / "run"),
+        "model": {"name": "tiny-gpt2"},
+        "data": {"paths": [str(text_dir)], "context_size": 32, "llm_batch_size": 4},
+        "saes": [{"name": "r", "site": "blocks.1.resid_post", "n_latents": 64, "k": 4, "dead_after_tokens": 512}],
+        "train": {"total_tokens": 24 * 128, "batch_size": 128, "buffer_tokens": 512, "init_tokens": 300,
+                  "checkpoint_every": 3},
+        "eval": {"tokens": 128, "splice": False},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _torchrun(path: Path, nproc: int = 2, env=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "framework", "train", str(path), "--quiet"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_kill9_resumes_bitwise_and_elastically_on_one(tmp_path, text_dir):
+    ref_path, run_path = _text_cfg(tmp_path / "ref", text_dir), _text_cfg(tmp_path / "killed", text_dir)
+    ref = _torchrun(ref_path)
+    env = {**os.environ, checkpoint.SAVE_DELAY_ENV: "0.1"}
+    killed = _torchrun(run_path, env=env)
+    root = tmp_path / "killed" / "run" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and killed.poll() is None and not _saves(root)[0]:
+        time.sleep(0.05)
+    time.sleep(random.Random(3).uniform(0.0, 1.0))
+    mid_save = bool(_saves(root)[1])
+    assert checkpoint.latest_name(root) is not None
+    _kill9(killed)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.read()[-3000:]
+    _all_published_valid(root)
+    elastic_run, elastic_path = _copy_run(tmp_path / "killed" / "run", tmp_path / "elastic")
+
+    resumed = _torchrun(run_path)
+    out, err = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resuming from" in err and "continues where it stopped" in err
+    _, ref_err = ref.communicate(timeout=400)
+    assert ref.returncode == 0, ref_err[-3000:]
+    _same_weights(_final(tmp_path / "ref" / "run"), _final(tmp_path / "killed" / "run"), ["r"])
+    manifest = json.loads((_final(tmp_path / "killed" / "run") / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and {"rank_00000.json", "rank_00001.safetensors"} <= set(manifest["files"])
+    print(f"2-process kill -9 (mid-save: {mid_save}) resumed bitwise")
+
+    # the 2-rank checkpoint continues on one process (elastic: exact weights/optimizer, data approximate)
+    summary = train(load_config(elastic_path))
+    assert summary["steps"] == 24 and summary["world_size"] == 1
+    assert 0 < summary["saes"]["r"]["fvu"] < 1.5

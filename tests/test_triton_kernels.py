@@ -1,0 +1,328 @@
+"""The Triton kernels, run by Triton's CPU interpreter, against the PyTorch reference and
+float64 dense autograd: values, indices (up to ties) and every gradient.
+
+Interpreter mode is fixed when a @triton.jit function is created, so TRITON_INTERPRET=1 is
+set before triton is imported. The kernels are loaded as a private copy of
+kernels/triton_ops.py, and the variable is restored right after, so that other test modules
+in the same pytest process still see the real `kernels.triton_ops` and their usual dispatch.
+Every buffer the kernels write is allocated poisoned (NaN / out-of-range sentinels), so an
+element a kernel forgets to write fails the comparison. Shapes are small and odd on purpose:
+the interpreter is slow, and tiles must not divide them.
+"""
+
+import os
+
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+try:
+    import triton  # noqa: E402, F401
+except ImportError as err:  # a missing dependency must fail the run, not skip it
+    raise ImportError("tests/test_triton_kernels.py needs triton (pip install triton)") from err
+
+from kernels import dispatch  # noqa: E402
+from kernels import reference as ref  # noqa: E402
+
+
+def _load_interpreted_triton_ops():
+    path = pathlib.Path(ref.__file__).with_name("triton_ops.py")
+    spec = importlib.util.spec_from_file_location("_sparsemill_triton_ops_interpreted", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+try:
+    T = _load_interpreted_triton_ops()
+finally:
+    if _PREVIOUS_INTERPRET is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+_POISON = {torch.int64: 2**62, torch.int32: 2**30, torch.int8: 90}
+
+
+def _poisoned_empty(shape, dtype, device):
+    return torch.full(shape, _POISON.get(dtype, float("nan")), dtype=dtype, device=device)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """Interpreted kernels also read TRITON_INTERPRET while they run; outputs are poisoned."""
+    assert T.INTERPRET, "the private triton_ops copy was not built for the interpreter"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(T, "_empty", _poisoned_empty)
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+
+
+def _inputs(B, d, n, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g)
+    W = torch.randn(n, d, generator=g) / d**0.5
+    b_enc = torch.randn(n, generator=g) * 0.1
+    b_dec = torch.randn(d, generator=g) * 0.1
+    return [t.to(dtype) for t in (x, W, b_enc, b_dec)]
+
+
+def _dense_pre(x, W, b_enc, b_dec):
+    """float64 pre-activations from the same centred input the kernels see."""
+    xc = (x - b_dec).double()
+    return xc @ W.double().T + b_enc.double()
+
+
+def _scores(pre, use_abs, mask):
+    score = pre.abs() if use_abs else pre.clone()
+    if mask is not None:
+        score[:, ~mask] = float("-inf")
+    return score
+
+
+def _check_topk(values, idx, pre, k, use_abs, mask, tol):
+    """(values, idx) is a top-k of the float64 pre-activations, up to ties within tol."""
+    B, n = pre.shape
+    assert values.shape == (B, k) and idx.shape == (B, k) and idx.dtype == torch.int64
+    assert ((idx >= 0) & (idx < n)).all(), "index out of range (unwritten slot?)"
+    assert all(len(set(row)) == k for row in idx.tolist()), "a latent selected twice in a row"
+    score = _scores(pre, use_abs, mask)
+    best = score.topk(k, dim=1).values
+    picked = score.gather(1, idx)
+    torch.testing.assert_close(picked.sort(1, descending=True).values, best, atol=tol, rtol=0)
+    sel = pre.gather(1, idx)
+    live = torch.isfinite(picked) & ((sel > 0) | use_abs)
+    expect = torch.where(live, sel, torch.zeros((), dtype=sel.dtype))
+    torch.testing.assert_close(values.double(), expect, atol=tol, rtol=tol)
+    # rows whose k-th and (k+1)-th scores are clearly apart must select exactly the same set
+    if k < n:
+        top = score.topk(k + 1, dim=1)
+        clear = (top.values[:, k - 1] - top.values[:, k]) > 10 * tol
+        clear &= torch.isfinite(top.values[:, k - 1])
+        mine = idx.sort(1).values[clear]
+        theirs = top.indices[:, :k].sort(1).values[clear]
+        assert torch.equal(mine, theirs)
+
+
+def _oracle_grads(x, W, b_enc, b_dec, idx, upstream, use_abs, mask):
+    """float64 dense autograd of sum(values * upstream) for the latents in idx: the gradient
+    the kernels must produce for their own selection, however ties were broken."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, W, b_enc, b_dec)]
+    pre = (leaves[0] - leaves[3]) @ leaves[1].T + leaves[2]
+    sel = pre.gather(1, idx)
+    allowed = torch.ones_like(sel, dtype=torch.bool) if mask is None else mask[idx]
+    live = allowed & ((sel.detach() > 0) | use_abs)
+    values = torch.where(live, sel, torch.zeros((), dtype=sel.dtype))
+    (values * upstream.double()).sum().backward()
+    return [t.grad for t in leaves]
+
+
+def _run_encode(inputs, k, use_abs, mask, deterministic, upstream_seed=0):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    values, idx = T.topk_encode(*leaves, k, use_abs=use_abs, latent_mask=mask, deterministic=deterministic)
+    g = torch.Generator().manual_seed(upstream_seed)
+    upstream = torch.randn(values.shape, generator=g)
+    (values.float() * upstream).sum().backward()
+    return values.detach(), idx, upstream, [t.grad for t in leaves]
+
+
+ENCODE_CASES = [
+    # B, d, n, k, use_abs, n_allowed (latent mask), deterministic
+    (21, 37, 101, 5, False, None, False),  # two row blocks, two latent splits, two d tiles
+    (13, 37, 101, 5, True, None, True),
+    (9, 20, 70, 1, False, None, True),
+    (9, 20, 70, 1, True, None, False),
+    (7, 33, 37, 33, False, None, False),  # k close to n: KP = 64 > the usual tile; d = 32 + 1
+    (5, 17, 20, 20, True, None, True),  # k = n
+    (11, 24, 90, 6, False, 4, False),  # fewer allowed latents than k: inert slots
+    (11, 24, 90, 6, True, 40, True),
+]
+
+
+@pytest.mark.parametrize("B,d,n,k,use_abs,n_allowed,deterministic", ENCODE_CASES)
+def test_topk_encode_matches_references(B, d, n, k, use_abs, n_allowed, deterministic):
+    inputs = _inputs(B, d, n, seed=B * 1000 + n + k)
+    mask = None
+    if n_allowed is not None:
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.randperm(n, generator=torch.Generator().manual_seed(n))[:n_allowed]] = True
+    values, idx, upstream, grads = _run_encode(inputs, k, use_abs, mask, deterministic)
+    pre = _dense_pre(*inputs)
+    _check_topk(values, idx, pre, k, use_abs, mask, tol=1e-5)
+    if use_abs:
+        picked = pre.gather(1, idx)
+        assert ((values < 0) == (picked < 0) & (values != 0)).all(), "AbsTopK lost a sign"
+    # gradients: float64 dense autograd restricted to the kernel's own selection
+    for mine, oracle in zip(grads, _oracle_grads(*inputs, idx, upstream, use_abs, mask)):
+        torch.testing.assert_close(mine.double(), oracle, atol=2e-5, rtol=1e-4)
+    # and the PyTorch reference (fp32, chunked) agrees: same sets (no near-ties here), same grads
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    r_values, r_idx = ref.topk_encode(*leaves, k, use_abs=use_abs, latent_mask=mask, chunk_size=16)
+    _check_topk(r_values.detach(), r_idx, pre, k, use_abs, mask, tol=1e-5)
+    live = values != 0
+    assert torch.equal(idx.masked_fill(~live, -1).sort(1).values, r_idx.masked_fill(r_values == 0, -1).sort(1).values)
+    up_by_latent = torch.zeros(B, n).scatter(1, idx, upstream)
+    (r_values * up_by_latent.gather(1, r_idx)).sum().backward()
+    for mine, theirs in zip(grads, (t.grad for t in leaves)):
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4)
+
+
+def test_many_splits_and_short_splits():
+    """Latent ranges shorter than a tile and than k: the per-split candidates carry padding
+    that must never surface, and the merge runs over several splits."""
+    B, d, n, k = 6, 19, 45, 10
+    inputs = _inputs(B, d, n, seed=5)
+    xc = (inputs[0] - inputs[3]).contiguous()
+    for split_len in (16, 7):
+        values, idx, live = T.encode_forward(xc, inputs[1], inputs[2], k, False, None, split_len=split_len)
+        _check_topk(values, idx, _dense_pre(*inputs), k, False, None, tol=1e-5)
+        assert torch.equal(live, values != 0)
+
+
+def test_ties_select_a_valid_set_and_route_gradients():
+    """Exact ties (duplicated encoder rows): any tied latent may win, but values, distinct
+    indices and the gradients of whichever were chosen must be right."""
+    B, d, n, k = 7, 16, 40, 6
+    x, W, b_enc, b_dec = _inputs(B, d, n, seed=11)
+    W = W[torch.arange(n) % 5].contiguous()  # 8 copies of 5 rows: every score is an 8-way tie
+    b_enc = b_enc[torch.arange(n) % 5].contiguous()
+    inputs = [x, W, b_enc, b_dec]
+    for use_abs in (False, True):
+        values, idx, upstream, grads = _run_encode(inputs, k, use_abs, None, deterministic=True)
+        _check_topk(values, idx, _dense_pre(*inputs), k, use_abs, None, tol=1e-5)
+        for mine, oracle in zip(grads, _oracle_grads(*inputs, idx, upstream, use_abs, None)):
+            torch.testing.assert_close(mine.double(), oracle, atol=2e-5, rtol=1e-4)
+
+
+def test_zero_and_negative_scores_order():
+    """Keys must order -0.0 < +0.0 consistently and negatives below positives: with every
+    pre-activation <= 0 the relu'd values are all 0 and carry no gradient."""
+    B, d, n, k = 5, 16, 33, 4
+    x = torch.zeros(B, d)
+    W = torch.randn(n, d)
+    b_enc = -torch.rand(n) - 0.1
+    b_enc[3] = 0.0
+    b_enc[7] = -0.0
+    inputs = [x, W, b_enc, torch.zeros(d)]
+    values, idx, upstream, grads = _run_encode(inputs, k, False, None, deterministic=False)
+    _check_topk(values, idx, _dense_pre(*inputs), k, False, None, tol=0)
+    assert (values == 0).all() and all(g.abs().max() == 0 for g in grads)
+
+
+def test_bf16_inputs_compute_in_fp32():
+    B, d, n, k = 9, 24, 50, 4
+    inputs = _inputs(B, d, n, seed=3, dtype=torch.bfloat16)
+    values, idx, upstream, grads = _run_encode(inputs, k, True, None, deterministic=False)
+    assert values.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    x, W, b_enc, b_dec = inputs
+    pre = ((x - b_dec).double() @ W.double().T) + b_enc.double()  # the bf16-centred input, exactly
+    _check_topk(values.float(), idx, pre, k, True, None, tol=1e-2)
+    oracle = _oracle_grads(x - b_dec, W, b_enc, torch.zeros_like(b_dec), idx, upstream, True, None)
+    for mine, want in zip(grads, oracle):  # grad wrt the centred input is grad x and -grad b_dec
+        torch.testing.assert_close(mine.double(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_frozen_encoder_weight_still_gives_bias_grads(deterministic):
+    inputs = _inputs(5, 16, 30, seed=9)
+    x, W, b_enc, b_dec = [t.clone().requires_grad_(i != 1) for i, t in enumerate(inputs)]
+    values, idx = T.topk_encode(x, W, b_enc, b_dec, 3, deterministic=deterministic)
+    upstream = torch.randn(values.shape)
+    (values * upstream).sum().backward()
+    assert W.grad is None
+    oracle = _oracle_grads(*inputs, idx, upstream, False, None)
+    for mine, want in zip((x.grad, b_enc.grad, b_dec.grad), (oracle[0], oracle[2], oracle[3])):
+        torch.testing.assert_close(mine.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    inputs = _inputs(13, 21, 60, seed=8)
+    runs = [_run_encode(inputs, 7, False, None, deterministic=True) for _ in range(2)]
+    for a, b in zip(runs[0][3], runs[1][3]):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------
+# sparse decode
+
+
+def _decode_inputs(B, k, n, d_out, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (B, k), generator=g)
+    idx[0, : min(k, 3)] = 2  # duplicates within a row and across rows
+    idx[1, 0] = 2
+    values = torch.randn(B, k, generator=g)
+    values[values.abs() < 0.3] = 0.0
+    W = torch.randn(n, d_out, generator=g)
+    return values.to(dtype), idx, W.to(dtype)
+
+
+@pytest.mark.parametrize(
+    "B,k,n,d_out,deterministic",
+    [(19, 5, 31, 37, False), (19, 5, 31, 37, True), (6, 1, 9, 70, True), (3, 19, 23, 16, False)],
+)
+def test_sparse_decode_matches_references(B, k, n, d_out, deterministic):
+    values, idx, W = _decode_inputs(B, k, n, d_out, seed=B + k + n)
+    v = values.clone().requires_grad_()
+    w = W.clone().requires_grad_()
+    out = T.sparse_decode(v, idx, w, deterministic=deterministic)
+    upstream = torch.randn(B, d_out)
+    (out * upstream).sum().backward()
+    v64 = values.double().requires_grad_()
+    w64 = W.double().requires_grad_()
+    out64 = (v64.unsqueeze(2) * w64[idx]).sum(1)  # dense float64 oracle
+    (out64 * upstream.double()).sum().backward()
+    torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v.grad.double(), v64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-5, rtol=1e-5)
+    vr = values.clone().requires_grad_()
+    wr = W.clone().requires_grad_()
+    (ref.sparse_decode(vr, idx, wr) * upstream).sum().backward()
+    torch.testing.assert_close(v.grad, vr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, wr.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_decode_bf16():
+    values, idx, W = _decode_inputs(7, 4, 15, 24, seed=1, dtype=torch.bfloat16)
+    v = values.clone().requires_grad_()
+    w = W.clone().requires_grad_()
+    out = T.sparse_decode(v, idx, w, deterministic=True)
+    out64 = (values.double().unsqueeze(2) * W.double()[idx]).sum(1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), out64, atol=3e-2, rtol=1e-2)
+    out.float().sum().backward()
+    assert v.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(v.grad.double(), W.double()[idx].sum(2), atol=5e-2, rtol=1e-2)
+
+
+def test_vec_mat_reduction():
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(201, generator=g)
+    W = torch.randn(201, 45, generator=g)
+    torch.testing.assert_close(T.vec_mat(v, W).double(), v.double() @ W.double(), atol=1e-4, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# dispatch
+
+
+def test_dispatch_routes_cpu_tensors_to_triton_under_interpreter(monkeypatch):
+    monkeypatch.setattr(dispatch, "_triton_backend", lambda: T)
+    x, W, b_enc, b_dec = _inputs(5, 16, 30, seed=4)
+    assert dispatch.backend_for(x) is T
+    assert dispatch.backend_for(x, "torch") is ref
+    v, i = dispatch.topk_encode(x, W, b_enc, b_dec, 3, deterministic=True)
+    tv, ti = T.topk_encode(x, W, b_enc, b_dec, 3)
+    assert torch.equal(v, tv) and torch.equal(i, ti)
+    assert torch.equal(dispatch.sparse_decode(v, i, W), T.sparse_decode(v, i, W))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert dispatch.backend_for(x) is ref
+    with pytest.raises(RuntimeError):
+        dispatch.backend_for(x, "triton")
