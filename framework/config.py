@@ -254,6 +254,9 @@ def validate(cfg: RunConfig) -> None:
 
     _choice(cfg.dist.strategy, STRATEGIES, "dist.strategy")
     _choice(cfg.dist.sae_placement, {"replicated", "layer"}, "dist.sae_placement")
+    _check(cfg.dist.sae_placement != "layer" or not cfg.dist.strategy.startswith("zero"),
+           "dist.strategy: ZeRO shards an SAE over the ranks that train it, but with dist.sae_placement=layer "
+           "each SAE is trained whole by one rank; use dist.strategy: ddp there")
     _check(not cfg.dist.strategy.startswith("zero") or cfg.train.optimizer == "adam",
            f"dist.strategy: {cfg.dist.strategy} needs train.optimizer: adam (DeepSpeed takes torch optimizers)")
     if cfg.data.source == "text":

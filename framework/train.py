@@ -152,6 +152,14 @@ def _gather_dicts(d: dict, engine: Engine, needed: bool) -> dict:
 
 
 def train(cfg: RunConfig) -> dict:
+    preemption = PreemptionFlag()  # first: a signal during model loading is honoured at step 1
+    try:
+        return _train(cfg, preemption)
+    finally:
+        preemption.close()
+
+
+def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
     engine = Engine(cfg.dist, cfg.train.device)
     check_layout(cfg, engine.world)
     run_dir = Path(cfg.run_dir)
@@ -183,7 +191,6 @@ def train(cfg: RunConfig) -> dict:
     logger.hist_tokens = resumed.get("hist_tokens", tokens) if resumed else 0
     last_eval = resumed.get("eval") if resumed else None
     save = lambda: ckpt.save(step, tokens, {"hist_tokens": logger.hist_tokens, "eval": last_eval})  # noqa: E731
-    preemption = PreemptionFlag()
     for batch in buffer.batches(stream) if tokens < cfg.train.total_tokens else ():
         for tr in trainers.values():
             tr.step(batch[tr.input_site], batch[tr.output_site])
@@ -202,7 +209,6 @@ def train(cfg: RunConfig) -> dict:
             logger.close()
             engine.close()
             raise Preempted(f"stopped by signal {preemption.signal} at step {step}; checkpoint saved in {ckpt.root}")
-    preemption.close()
     train_seconds = logger.elapsed()
     save()
 

@@ -95,6 +95,8 @@ def test_impossible_layouts_fail_before_loading(tmp_path, text_dir):
         check_layout(cfg, 3)
     with pytest.raises(ConfigError, match="dist.strategy"):
         load_config(_tiny_config(tmp_path, text_dir), ["dist.strategy=zero4"])
+    with pytest.raises(ConfigError, match="each SAE is trained whole by one rank"):
+        load_config(_tiny_config(tmp_path, text_dir, sae_placement="layer", strategy="zero2"))
     with pytest.raises(ConfigError, match="needs train.optimizer: adam"):
         load_config(_tiny_config(tmp_path, text_dir), ["dist.strategy=zero2", "train.optimizer=signsgd_schedulefree"])
 
