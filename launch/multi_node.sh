@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 PREEMPTED_EXIT_CODE=75
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 dry_run=0
 nnodes=${NNODES:-${SLURM_JOB_NUM_NODES:-}}
 node_rank=${NODE_RANK:-${SLURM_NODEID:-}}
@@ -52,18 +54,6 @@ case "$node_rank" in ''|*[!0-9]*) fail "--node_rank must be an integer >= 0, got
 [ "$node_rank" -lt "$nnodes" ] || fail "--node_rank $node_rank is not below --nnodes $nnodes"
 case "$endpoint" in *:[0-9]*) ;; *) fail "--rdzv_endpoint must look like HOST:PORT, got '$endpoint'" ;; esac
 
-count_gpus() {
-  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
-    case "$CUDA_VISIBLE_DEVICES" in
-      ""|-1|NoDevFiles) echo 0 ;;
-      *) awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES" ;;
-    esac
-  elif command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-  else
-    echo 0
-  fi
-}
 gpus=$(count_gpus)
 if [ -z "$nproc" ]; then
   if [ "$gpus" -gt 0 ]; then nproc=$gpus; else nproc=2; fi
@@ -77,14 +67,6 @@ if [ "$node_rank" = 0 ]; then is_host=true; else is_host=false; fi
 cmd=("$PYTHON" -m torch.distributed.run "--nnodes=$nnodes" "--nproc-per-node=$nproc"
      --rdzv-backend=c10d "--rdzv-endpoint=$endpoint" "--rdzv-id=$rdzv_id" "--rdzv-conf=is_host=$is_host"
      "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT" -m framework train "${args[@]}")
-# Print a command so that it can be pasted into a shell (quoting only where needed).
-show() {
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("$(printf '%q' "$a")"); fi
-  done
-  echo "${out[*]}"
-}
 if [ "$dry_run" = 1 ]; then
   show "OMP_NUM_THREADS=$threads" "${cmd[@]}"
   exit 0
@@ -92,7 +74,4 @@ fi
 export OMP_NUM_THREADS=$threads
 echo "multi_node.sh: node $node_rank of $nnodes ($(hostname -s)), $nproc processes, rendezvous $endpoint id $rdzv_id" >&2
 
-# Signal forwarding to the workers (checkpoint + exit 75): see _torchrun_signals.sh.
-# shellcheck source=launch/_torchrun_signals.sh
-source "$(dirname "${BASH_SOURCE[0]}")/_torchrun_signals.sh"
 run_torchrun "${cmd[@]}"

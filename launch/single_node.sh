@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 PREEMPTED_EXIT_CODE=75
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 dry_run=0
 nproc=${NPROC_PER_NODE:-}
 args=()
@@ -31,19 +33,6 @@ if [ ${#args[@]} -eq 0 ]; then
   exit 2
 fi
 
-# Visible GPUs: CUDA_VISIBLE_DEVICES when set (SLURM sets it), else nvidia-smi, else none.
-count_gpus() {
-  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
-    case "$CUDA_VISIBLE_DEVICES" in
-      ""|-1|NoDevFiles) echo 0 ;;
-      *) awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES" ;;
-    esac
-  elif command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-  else
-    echo 0
-  fi
-}
 gpus=$(count_gpus)
 if [ -z "$nproc" ]; then
   if [ "$gpus" -gt 0 ]; then nproc=$gpus; else nproc=2; fi
@@ -58,21 +47,10 @@ threads=${OMP_NUM_THREADS:-$(( cores / nproc > 0 ? cores / nproc : 1 ))}
 # which checkpoint at the next step boundary (see run_torchrun below).
 cmd=("$PYTHON" -m torch.distributed.run --standalone --nnodes=1 "--nproc-per-node=$nproc"
      "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT" -m framework train "${args[@]}")
-# Print a command so that it can be pasted into a shell (quoting only where needed).
-show() {
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("$(printf '%q' "$a")"); fi
-  done
-  echo "${out[*]}"
-}
 if [ "$dry_run" = 1 ]; then
   show "OMP_NUM_THREADS=$threads" "${cmd[@]}"
   exit 0
 fi
 export OMP_NUM_THREADS=$threads
 
-# Signal forwarding to the workers (checkpoint + exit 75): see _torchrun_signals.sh.
-# shellcheck source=launch/_torchrun_signals.sh
-source "$(dirname "${BASH_SOURCE[0]}")/_torchrun_signals.sh"
 run_torchrun "${cmd[@]}"

@@ -280,8 +280,8 @@ def test_launchers_share_the_signal_logic():
     """single_node.sh and multi_node.sh source one run_torchrun/forward_signal implementation."""
     for name in ("single_node.sh", "multi_node.sh"):
         text = (LAUNCH / name).read_text()
-        assert '/_torchrun_signals.sh"' in text and "forward_signal()" not in text, name
-    assert "forward_signal()" in (LAUNCH / "_torchrun_signals.sh").read_text()
+        assert "/_common.sh\"" in text and "forward_signal()" not in text, name
+    assert "forward_signal()" in (LAUNCH / "_common.sh").read_text()
 
 
 # --------------------------------------------------------------------------- sbatch logic, fake SLURM

@@ -47,6 +47,8 @@ import time
 
 import torch
 
+from framework import optim
+
 import framework.variants  # noqa: F401  (registers the kinds)
 from framework.config import SAEConfig, TrainConfig
 from framework.sae_trainer import SAETrainer, total_steps_for
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=int, default=None, help="training tokens per run")
     parser.add_argument("--n-latents", type=int, default=None)
     parser.add_argument("--lr", type=float, default=4e-3,
-                        help="Adam lr (0 = the framework default, 2e-4/sqrt(n/2^14) = 8e-4 here, which leaves these "
+                        help="Adam lr (0 = the framework default optim.default_lr('adam', n), which may leave these "
                              "short runs far from converged)")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{int(gen.signed.sum())} bidirectional), E[L0]={gen.expected_l0():.1f} (eval: mean {true_l0.double().mean():.1f}, "
                   f"std {true_l0.double().std():.1f}), noise share ~{gen.noise_fraction():.3f}")
             print(f"SAEs: n_latents={args.n_latents}, k={args.k}, batch={args.batch_size}, {args.budget:,} tokens "
-                  f"({math.ceil(args.budget / args.batch_size)} steps), Adam lr={args.lr or 2e-4 / math.sqrt(args.n_latents / 2**14):.2e}, "
+                  f"({math.ceil(args.budget / args.batch_size)} steps), Adam lr={args.lr or optim.default_lr('adam', args.n_latents):.2e}, "
                   f"AuxK (coef 1/32) on latents dead for {args.dead_after_tokens:,} tokens; eval on {args.eval_tokens:,} held-out tokens; threads={torch.get_num_threads()}", flush=True)
         for run in runs:
             r = run_one(run, train_x, eval_x, true_l0, gen, metric, important, args, seed)

@@ -1,6 +1,30 @@
-# Shared by single_node.sh and multi_node.sh (sourced): run torchrun so that preemption
-# signals reach the workers as checkpoint requests. Needs PREEMPTED_EXIT_CODE set.
+# Shared by single_node.sh and multi_node.sh (sourced): GPU counting, command printing, and
+# running torchrun so that preemption signals reach the workers as checkpoint requests.
+# Needs PREEMPTED_EXIT_CODE set.
 # shellcheck shell=bash
+
+# Visible GPUs: CUDA_VISIBLE_DEVICES when set (SLURM sets it), else nvidia-smi, else none.
+count_gpus() {
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    case "$CUDA_VISIBLE_DEVICES" in
+      ""|-1|NoDevFiles) echo 0 ;;
+      *) awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES" ;;
+    esac
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+
+# Print a command so that it can be pasted into a shell (quoting only where needed).
+show() {
+  local out=() a
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("$(printf '%q' "$a")"); fi
+  done
+  echo "${out[*]}"
+}
 
 # torchrun runs with SIGTERM/SIGUSR1 ignored, so it never kills the workers mid-checkpoint. This
 # script forwards those signals to each worker once its handler is installed (SigCgt in
