@@ -3,10 +3,14 @@
 A source yields dicts site-name -> [tokens, d] float32 tensors whose rows are the same tokens
 for every site (so transcoders see aligned input/output pairs). Rows with NaN/Inf, special
 tokens or (optionally) outlier norms never leave the source; the NaN/Inf ones are counted.
+An LLM source asked for `grad_sites` (gsae SAEs) also yields, in its train split,
+d(LM loss)/d(activation) under `grad_key(site)`, row-aligned; `dims` lists only sites.
 """
 
 from __future__ import annotations
 
+import abc
+import itertools
 import logging
 import random
 from pathlib import Path
@@ -14,17 +18,19 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from framework import hooks, text_data
 from framework.config import ConfigError, DataConfig
+from framework.variants.gsae import GRAD_SUFFIX, grad_key, lm_site_grads
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 
 
-class ActivationSource:
-    """Base: subclasses implement `_raw(split)` and set `dims` (site -> width)."""
+class ActivationSource(abc.ABC):
+    """Base: subclasses implement `_raw(split)`, the position methods, and set `dims` (site -> width)."""
 
     dims: dict[str, int]
 
@@ -35,14 +41,17 @@ class ActivationSource:
         self.nonfinite_tokens = 0
         self.outlier_tokens = 0
 
+    @abc.abstractmethod
     def _raw(self, split: str) -> Iterator[Batch]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def position_dict(self) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def load_position(self, position: dict) -> None:
-        raise NotImplementedError
+        ...
 
     def state_dict(self) -> dict:
         """JSON-able: the train stream's position and the skip counters."""
@@ -75,7 +84,9 @@ class ActivationSource:
             log.warning("skipped %d tokens with NaN/Inf activations (total %d)", n_bad, self.nonfinite_tokens)
         factor = self.data_cfg.norm_outlier_factor
         if factor > 0:
-            for v in acts.values():
+            for k, v in acts.items():
+                if k.endswith(GRAD_SUFFIX):  # a large LM-loss gradient is no reason to drop a token
+                    continue
                 norms = v.norm(dim=1)
                 ok = norms <= factor * norms[good].median() if good.any() else good
                 self.outlier_tokens += int((good & ~ok).sum())
@@ -84,15 +95,38 @@ class ActivationSource:
 
 
 class LLMSource(ActivationSource):
-    """Activations of a frozen LLM on packed text; the forward stops after the last site."""
+    """Activations of a frozen LLM on packed text; the forward stops after the last site,
+    except for train batches when `grad_sites` asks for LM-loss gradients (a full forward and
+    an activation-only backward, see framework/variants/gsae.py).
+
+    A ZeRO-3 sharded model (framework/llm.py) makes every forward a collective, so with several
+    ranks the source keeps them in lockstep: every LLM batch is cut to the smallest row count
+    any rank has (`sequences`), a stream ends on all ranks when it ends on one, and each
+    activation batch is cut to the smallest row count after cleaning (`_clean`), so the
+    mixing buffers, hence the SAE steps and the LLM forwards, stay aligned across ranks."""
 
     def __init__(self, data_cfg: DataConfig, model, tokenizer, sites: list[str], device: torch.device, seed: int,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, grad_sites: list[str] = ()):
         super().__init__(data_cfg, device, rank, world)
         self.model, self.tokenizer, self.seed = model, tokenizer, seed
         self.specs = [hooks.parse_site(s) for s in sites]
         for spec in self.specs:
             hooks.resolve(model, spec)  # unknown layers/modules fail here, before training
+        self.grad_sites = list(dict.fromkeys(grad_sites))
+        if self.grad_sites:
+            from framework.llm import is_causal_lm  # noqa: PLC0415
+
+            missing = sorted(set(self.grad_sites) - set(sites))
+            if missing:
+                raise ValueError(f"grad_sites {missing} are not among the captured sites {sorted(sites)}")
+            if not is_causal_lm(model):
+                raise ConfigError(f"gsae needs a causal LM's next-token loss; model type '{model.config.model_type}' "
+                                  "has no LM head")
+        from framework.llm import zero3_engine  # noqa: PLC0415
+
+        # the model's group is every process (latent-shard groups read one stream: already equal)
+        self.lockstep = zero3_engine(model) is not None and dist.is_initialized() and dist.get_world_size() > 1
+        self.lockstep_dropped_tokens = 0  # rows cut to keep ZeRO-3 ranks in lockstep
         self.specials = text_data.special_token_ids(tokenizer)
         self.dims = self._probe_dims()
         self.tokens_seen = 0
@@ -115,11 +149,38 @@ class LLMSource(ActivationSource):
             hooks.run_until_captured(lambda: self.model(input_ids=ids, use_cache=False))
         return dict(store)
 
+    def capture_with_grads(self, ids: torch.Tensor, loss_mask: torch.Tensor) -> Batch:
+        """Every site's activations and, under grad_key(site), d(LM loss)/d(activation) for the
+        grad sites ([batch, seq, d]), from one full forward and backward; the loss counts the
+        predictions of `loss_mask` tokens."""
+        ids = ids.to(self.model_device)
+        with hooks.capture(self.model, self.specs, stop_early=False) as store:
+            _, grads, _ = lm_site_grads(self.model, ids, self.grad_sites, loss_mask=loss_mask)
+        return {**store, **{grad_key(s): g for s, g in grads.items()}}
+
     def sequences(self, split: str) -> Iterator[torch.Tensor]:
         """Token batches; the train split continues from (and advances) `self.position`."""
         position = self.position if split == "train" else None
-        return text_data.sequence_batches(self.data_cfg, self.tokenizer, split, self.seed, self.rank, self.world,
+        seqs = text_data.sequence_batches(self.data_cfg, self.tokenizer, split, self.seed, self.rank, self.world,
                                           position)
+        return _lockstep_sequences(seqs, self.device) if self.lockstep else seqs
+
+    def _clean(self, acts: Batch) -> Batch:
+        acts = super()._clean(acts)
+        return self._level(acts) if self.lockstep else acts
+
+    def _level(self, acts: Batch) -> Batch:
+        """Cut to the smallest row count of all ranks, dropping evenly spread rows (not the
+        last positions)."""
+        rows = next(iter(acts.values())).shape[0]
+        least = torch.tensor([rows], device=self.device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        keep = int(least)
+        if keep == rows:
+            return acts
+        self.lockstep_dropped_tokens += rows - keep
+        idx = torch.arange(keep, device=self.device) * rows // keep
+        return {k: v[idx] for k, v in acts.items()}
 
     def position_dict(self) -> dict:
         return {"kind": "text", **self.position.state_dict(), "tokens_seen": self.tokens_seen}
@@ -130,11 +191,23 @@ class LLMSource(ActivationSource):
         self.tokens_seen = position.get("tokens_seen", 0)
 
     def _raw(self, split: str) -> Iterator[Batch]:
+        with_grads = bool(self.grad_sites) and split == "train"  # evaluation is plain TopK: no gradients
         for ids in self.sequences(split):
-            acts = self.capture(ids)
             keep = text_data.keep_mask(ids, self.specials, self.data_cfg.exclude_special_tokens).to(self.model_device)
+            acts = self.capture_with_grads(ids, keep) if with_grads else self.capture(ids)
             self.tokens_seen += ids.numel()
             yield {k: v[keep] for k, v in acts.items()}
+
+
+def _lockstep_sequences(seqs: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """Token batches cut to the fewest sequences any rank has; ends everywhere once one rank's
+    stream ends (one all-reduce per batch). Every rank then runs the same forwards."""
+    for ids in itertools.chain(seqs, [None]):
+        least = torch.tensor([0 if ids is None else ids.shape[0]], device=device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        if int(least) == 0:
+            return
+        yield ids[: int(least)]
 
 
 # --------------------------------------------------------------------------- files

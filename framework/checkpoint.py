@@ -8,8 +8,13 @@ Layout of RUN_DIR/checkpoints/:
       config.yaml             the resolved run config
       <sae>.safetensors       gathered full weights `sae.*` (normalisation constants included), the
                               dead-latent counters and fire counts (+ `eval.*`: schedule-free eval weights)
-      <sae>.optim.pt          ddp: optimizer + scheduler state dicts (torch.load weights_only)
-      <sae>.zero/state/...    zero1/2/3: DeepSpeed's own checkpoint; every rank writes its shards
+      <sae>.optim.pt          ddp: optimizer + scheduler state dicts and the parameter names
+                              (torch.load weights_only)
+      <sae>.optim.json        zero1/2/3: world size, param-group hyperparameters (lr...), scheduler state
+      <sae>.optim.rank_00000.safetensors / .json
+                              zero1/2/3, per rank: its own pieces of each parameter's flattened fp32
+                              master weights and Adam moments (`<param>.master|exp_avg|exp_avg_sq`), and
+                              per parameter its full shape, step count and which elements the piece holds
       rank_00000.safetensors  per rank: mixing buffer (rows + generator), torch/numpy RNG, metric sums
       rank_00000.json         per rank: data position, python RNG, skip counters
     latest                    name of the newest published checkpoint
@@ -26,15 +31,26 @@ right size and sha256) and falls back to older ones, saying why. Config changes 
 make the saved state meaningless (data, batch/buffer sizes, seed, SAE shapes) are refused;
 others (e.g. a longer token budget) are reported and applied.
 
+Nothing is ever unpickled: tensors are safetensors, the rest JSON/YAML, and ddp's torch state
+dicts are read with torch.load(weights_only=True) (tensors and plain containers only). ZeRO state
+is read from DeepSpeed's partitions and written back into them directly (ZeroRunner.
+optimizer_partition / load_optimizer_partition), never through DeepSpeed's own pickled
+checkpoints; on load a ZeRO rank reads just the slices of the saved pieces it now holds.
+
 Supported transitions (`compatibility`):
   same world size, strategy and placement      exact: bitwise on CPU (ddp, zero1/2/3, layer)
-  ddp, another world size and/or placement     elastic: weights, optimizer, schedule, step and
-                                               dead-latent counters exact; the data streams go on
-                                               from the furthest document/chunk any rank reached
+  another strategy (ddp <-> zeroN, zeroN ->    elastic: weights, fp32 master weights, Adam moments,
+  zeroM), same world size and placement        step, lr/schedule and dead-latent counters exact
+                                               (re-sharded, or converted between torch's and
+                                               ZeRO's layout); the data streams, mixing buffers
+                                               and RNG continue exactly (they do not depend on the
+                                               strategy)
+  another world size and/or placement, any     elastic: the same state exact; the data streams go
+  strategies                                   on from the furthest document/chunk any rank reached
                                                (nothing repeats, a few may be skipped); mixing
                                                buffers and packer leftovers start empty
-  ddp <-> zero*, zeroN -> zeroM                refused (optimizer state formats differ)
-  zero*, another world size or placement       refused (optimizer shards are partitioned per rank)
+  zero* with placement layer                   refused (config validation rejects it too)
+  format 2 (older versions) with zero*         refused: DeepSpeed pickles; ddp format 2 resumes as ddp
 `sparsemill export` works from any checkpoint: its `<sae>.safetensors` hold full tensors.
 
 Test hook: SPARSEMILL_SAVE_DELAY=<seconds> sleeps after each file this module writes, so a
@@ -48,6 +64,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -59,19 +76,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 log = logging.getLogger("sparsemill")
 
 LATEST, MANIFEST, STATE, CONFIG = "latest", "manifest.json", "state.json", "config.yaml"
-FORMAT = 2
+FORMAT = 3  # 2: ZeRO optimizer state in DeepSpeed's own (pickled) checkpoint folders
+DDP_OPTIM, ZERO_OPTIM = "optim.pt", "optim.json"  # per SAE: `<sae>.optim.pt` (ddp), `<sae>.optim.json` (zero)
 SAVE_DELAY_ENV = "SPARSEMILL_SAVE_DELAY"
 
 # Config keys whose change makes the saved state meaningless (data order, shapes, optimizer).
 MUST_MATCH = ["model.name", "data.source", "data.paths", "data.text_field", "data.tokens_field", "data.split",
               "data.context_size", "data.prepend_bos", "data.separator", "data.exclude_special_tokens",
               "data.llm_batch_size", "data.shuffle_files", "data.activations_dir", "train.batch_size",
-              "train.buffer_tokens", "train.seed", "train.optimizer"]
+              "train.buffer_tokens", "train.seed", "train.optimizer", "dist.latent_shards"]
 SAE_MUST_MATCH = ["name", "site", "output_site", "kind", "n_latents", "options"]
 
 
@@ -109,13 +128,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _hash_file(path: Path, sync: bool = False) -> dict:
+def _hash_file(path: Path) -> dict:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-        if sync:  # files DeepSpeed wrote: make them durable before publishing
-            os.fsync(f.fileno())
     return {"size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
@@ -205,13 +222,13 @@ def training_weights_kept(trainers):
 
 
 def _trainer_tensors(tr) -> dict[str, torch.Tensor]:
-    """Collective under ZeRO-3 (parameters are gathered); full tensors on every rank."""
+    """Collective under ZeRO-3 and with latent shards (parameters are gathered); full tensors
+    on every rank that writes (see SAETrainer.state_tensors)."""
     cpu = lambda v: v.detach().to("cpu").clone().contiguous()  # noqa: E731
-    with tr.stepper.gathered():
-        out = {f"sae.{k}": cpu(v) for k, v in tr.sae.state_dict().items()}
+    out = {f"sae.{k}": cpu(v) for k, v in tr.state_tensors().items()}
     if _has_eval_mode(tr):  # schedule-free: its evaluation weights too (for export)
         with training_weights_kept([tr]), tr.stepper.weights_for_eval():
-            out |= {f"eval.{k}": cpu(v) for k, v in tr.sae.state_dict().items()}
+            out |= {f"eval.{k}": cpu(v) for k, v in tr.state_tensors().items()}
     out["tokens_since_fired"] = cpu(tr.tokens_since_fired)
     out["fire_counts"] = cpu(tr.fire_counts)
     return out
@@ -220,27 +237,149 @@ def _trainer_tensors(tr) -> dict[str, torch.Tensor]:
 def _load_trainer(path: Path, name: str, tr, step_count: int) -> None:
     tensors = load_file(str(path / f"{name}.safetensors"))
     sae_state = {k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")}
+    zero_saved = (path / f"{name}.{ZERO_OPTIM}").is_file()
     if _is_zero(tr):
-        loaded, _ = tr.stepper.engine.load_checkpoint(str(path / f"{name}.zero"), tag="state")
-        if loaded is None:
-            raise CheckpointError(f"{path}: DeepSpeed could not load {name}.zero")
-        # DeepSpeed sets the module from its fp32 master partitions; the module itself may differ
-        # (ZeRO-3: changes made under GatheredParameters, like the decoder renorm, reach only the
-        # module), so the saved module weights are put back exactly.
+        # The module weights and the fp32 master weights may differ (changes made under
+        # GatheredParameters, like the decoder renorm, reach only the module): both are put back.
         with tr.stepper.gathered(modify=True), torch.no_grad():
             for key, value in tr.sae.state_dict(keep_vars=True).items():
                 value.copy_(sae_state[key])
+        source = ZeroPieces(path, name) if zero_saved else TorchPieces(path, name, tensors, step_count)
+        tr.stepper.load_optimizer_partition(source)
+        _apply_settings(tr.stepper, source.settings)
     else:
-        tr.sae.load_state_dict(sae_state)
-        tr.stepper.load_optimizer_state(torch.load(path / f"{name}.optim.pt", weights_only=True))
+        tr.load_state_tensors(sae_state)  # latent shards: each takes its rows
+        if zero_saved:
+            source = ZeroPieces(path, name)
+            tr.load_optimizer_state({"optimizer": _torch_optimizer_state(source, tr.stepper)})
+            _apply_settings(tr.stepper, source.settings)
+        else:
+            tr.load_optimizer_state(torch.load(path / f"{name}.{DDP_OPTIM}", weights_only=True))
     tr.tokens_since_fired.copy_(tensors["tokens_since_fired"])
     tr.fire_counts.copy_(tensors["fire_counts"])
     tr.step_count = int(step_count)
 
 
+# --------------------------------------------------------------------------- optimizer state
+
+
+def _param_names(runner) -> list[str]:
+    """The runner's parameter names in its optimizer's order (the order of torch state dicts)."""
+    names = {id(p): n for n, p in runner.module.named_parameters()}
+    return [names[id(p)] for group in runner.optimizer.param_groups for p in group["params"]]
+
+
+def _optimizer_settings(runner) -> dict:
+    """What every rank's optimizer shares, as JSON: param-group hyperparameters (lr included)
+    and the scheduler's state."""
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"}
+              for g in runner.optimizer.param_groups]
+    return {"param_groups": groups, "scheduler": runner.scheduler.state_dict() if runner.scheduler else None}
+
+
+def _apply_settings(runner, settings: dict) -> None:
+    groups = runner.optimizer.param_groups
+    if len(groups) != len(settings["param_groups"]):
+        raise CheckpointError(f"the checkpoint's optimizer has {len(settings['param_groups'])} parameter groups, "
+                              f"this one {len(groups)}")
+    for group, saved in zip(groups, settings["param_groups"]):
+        group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
+    if runner.scheduler is not None and settings["scheduler"] is not None:
+        runner.scheduler.load_state_dict(settings["scheduler"])
+
+
+class ZeroPieces:
+    """A ZeRO checkpoint's optimizer state of one SAE, read as ranges of each parameter's
+    flattened full tensors whatever world size or stage wrote it: every rank wrote its own
+    pieces (`<sae>.optim.rank_R.safetensors` + `.json`), and a reader takes just the slices
+    it needs from each file."""
+
+    def __init__(self, path: Path, name: str):
+        self.settings = json.loads((path / f"{name}.{ZERO_OPTIM}").read_text())
+        self.files, self.params = [], {}
+        for rank in range(self.settings["world"]):
+            base = f"{name}.optim.{_rank_name(rank)}"
+            meta = json.loads((path / f"{base}.json").read_text())
+            self.files.append(path / f"{base}.safetensors")
+            for param, p in meta["params"].items():
+                entry = self.params.setdefault(param, {**p, "pieces": []})
+                entry["pieces"].append((rank, p["start"], p["numel"]))
+            if rank == 0:
+                self.counters = {k: meta[k] for k in ("global_steps", "skipped_steps")}
+
+    def _param(self, name: str) -> dict:
+        if name not in self.params:
+            raise CheckpointError(f"the checkpoint has no optimizer state for parameter {name} "
+                                  f"(it has {sorted(self.params)})")
+        return self.params[name]
+
+    def shape(self, name: str) -> list[int]:
+        return self._param(name)["shape"]
+
+    def step(self, name: str) -> float | None:
+        return self._param(name)["step"]
+
+    def keys(self, name: str) -> list[str]:
+        return self._param(name)["keys"]
+
+    def read(self, name: str, key: str, start: int, numel: int) -> torch.Tensor:
+        out, filled = torch.empty(numel), 0
+        for rank, first, count in self._param(name)["pieces"]:
+            lo, hi = max(start, first), min(start + numel, first + count)
+            if lo < hi:
+                with safe_open(str(self.files[rank]), framework="pt") as f:
+                    out[lo - start:hi - start] = f.get_slice(f"{name}.{key}")[lo - first:hi - first]
+                filled += hi - lo
+        if filled != numel:
+            raise CheckpointError(f"{name}.{key}: the saved pieces cover {filled} of elements {start}..{start + numel}")
+        return out
+
+
+class TorchPieces:
+    """A ddp checkpoint's optimizer state of one SAE, seen like ZeroPieces: its torch state
+    dict (exp_avg, exp_avg_sq, step per parameter) with the module weights as master weights."""
+
+    def __init__(self, path: Path, name: str, tensors: dict, step_count: int):
+        saved = torch.load(path / f"{name}.{DDP_OPTIM}", weights_only=True)
+        optimizer = saved["optimizer"]
+        self.settings = {"param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                          for g in optimizer["param_groups"]], "scheduler": saved.get("scheduler")}
+        self.counters = {"global_steps": step_count, "skipped_steps": 0}
+        self.full = {}
+        for i, param in enumerate(saved["param_names"]):
+            state = optimizer["state"].get(i, {})
+            self.full[param] = {"master": tensors[param], "step": float(state["step"]) if "step" in state else None,
+                                **{k: v for k, v in state.items() if k != "step"}}
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.full[name]["master"].shape)
+
+    def step(self, name: str) -> float | None:
+        return self.full[name]["step"]
+
+    def keys(self, name: str) -> list[str]:
+        return sorted(k for k in self.full[name] if k not in ("master", "step"))
+
+    def read(self, name: str, key: str, start: int, numel: int) -> torch.Tensor:
+        return self.full[name][key].reshape(-1)[start:start + numel].float()
+
+
+def _torch_optimizer_state(source: ZeroPieces, runner) -> dict:
+    """A torch optimizer state dict for `runner` (ddp) from a ZeRO checkpoint's pieces; its
+    hyperparameters and schedule are set afterwards (_apply_settings)."""
+    state = {}
+    for i, name in enumerate(_param_names(runner)):
+        step = source.step(name)
+        if step is not None:
+            shape, numel = source.shape(name), math.prod(source.shape(name))
+            state[i] = {"step": torch.tensor(step, dtype=torch.float32),
+                        **{k: source.read(name, k, 0, numel).view(shape) for k in source.keys(name)}}
+    return {"state": state, "param_groups": runner.optimizer.state_dict()["param_groups"]}
+
+
 def load_checkpoint(path: Path, trainers: dict) -> dict:
-    """Weights, optimizer and counters into trainers (same strategy); returns state.json."""
-    verify(path)
+    """Weights, optimizer and counters into trainers (of any strategy); returns state.json."""
+    _check_format(verify(path), "zero" if any(_is_zero(tr) for tr in trainers.values()) else "ddp")
     state = read_state(path)
     for name, tr in trainers.items():
         _load_trainer(path, name, tr, state["saes"][name])
@@ -304,25 +443,39 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     return blocking, harmless
 
 
+def _check_format(manifest: dict, strategy: str) -> None:
+    fmt = manifest.get("format")
+    if fmt == FORMAT or (fmt == 2 and manifest["strategy"] == strategy == "ddp"):  # ddp files are unchanged
+        return
+    where = f"checkpoint {manifest.get('name', '')} (format {fmt}, {manifest['strategy']})"
+    if fmt == 2 and manifest["strategy"] != "ddp":
+        why = ("its ZeRO optimizer state is a DeepSpeed checkpoint made of pickles, which this version never "
+               "unpickles")
+    elif fmt == 2:
+        why = f"its optimizer state lacks the parameter names needed to convert it to {strategy}"
+    else:
+        why = f"this version reads format {FORMAT}"
+    raise CheckpointError(f"{where} cannot resume: {why}. Resume it with the sparsemill version that wrote it"
+                          f"{' or with dist.strategy=ddp' if manifest['strategy'] == 'ddp' else ''}, or start "
+                          "fresh with --no-resume (`sparsemill export` still reads its weights).")
+
+
 def compatibility(manifest: dict, world: int, strategy: str, placement: str) -> str:
     """How a checkpoint resumes under this layout: "exact" (same world size, strategy and
-    placement), "elastic" (ddp: another world size or placement; weights, optimizer, schedule
-    and counters are exact, the data streams continue from the furthest document/chunk any
-    rank had reached and the mixing buffers start empty). Anything else raises."""
+    placement) or "elastic" (anything else: the optimizer state is converted and re-sharded,
+    so weights, optimizer moments, step, schedule and dead-latent counters are exact; the data
+    streams continue exactly if only the strategy changed, otherwise from the furthest
+    document/chunk any rank had reached with empty mixing buffers). Raises for checkpoints of
+    another format and for layouts that cannot exist (ZeRO shards an SAE over the ranks that
+    train it; layer placement trains each SAE whole on one rank)."""
     old = (manifest["world_size"], manifest["strategy"], manifest["sae_placement"])
-    if old == (world, strategy, placement):
-        return "exact"
-    desc = f"{old[1]}/{old[2]} on {old[0]} rank(s)"
-    now = f"{strategy}/{placement} on {world} rank(s)"
-    if old[1] != strategy:
-        raise CheckpointError(f"checkpoint written by {desc} cannot resume as {now}: the optimizer state of "
-                              f"{old[1]} and {strategy} differ in format. Resume with dist.strategy={old[1]}, or "
-                              "start fresh with --no-resume (`sparsemill export` gives the weights).")
-    if strategy != "ddp":
-        raise CheckpointError(f"checkpoint written by {desc} cannot resume as {now}: ZeRO optimizer shards are "
-                              f"partitioned for {old[0]} rank(s). Resume on {old[0]} rank(s) with "
-                              f"dist.sae_placement={old[2]}, or start fresh with --no-resume.")
-    return "elastic"
+    _check_format(manifest, strategy)
+    for s, p in (old[1:], (strategy, placement)):
+        if s.startswith("zero") and p == "layer":
+            raise CheckpointError(f"checkpoint written by {old[1]}/{old[2]} on {old[0]} rank(s) cannot resume as "
+                                  f"{strategy}/{placement} on {world} rank(s): ZeRO does not combine with "
+                                  "dist.sae_placement=layer")
+    return "exact" if old == (world, strategy, placement) else "elastic"
 
 
 # --------------------------------------------------------------------------- the manager
@@ -397,16 +550,21 @@ class CheckpointManager:
                     failure.append(f"{err}")
 
         for n, tr in self.trainers.items():
-            if _is_zero(tr):  # collective: every rank writes its optimizer partition
-                try:
-                    tr.stepper.engine.save_checkpoint(str(tmp / f"{n}.zero"), tag="state", save_latest=False)
-                except OSError as err:
-                    failure.append(f"{err}")
-            tensors = _trainer_tensors(tr)  # collective under ZeRO-3
+            if _is_zero(tr):  # every rank writes its own pieces of the optimizer state
+                part, meta = tr.stepper.optimizer_partition()
+                base = f"{n}.optim.{_rank_name(self.engine.rank)}"
+                attempt(lambda: _write_file(tmp / f"{base}.safetensors", save(part)))
+                attempt(lambda: _write_json(tmp / f"{base}.json", meta))
+            tensors = _trainer_tensors(tr)  # collective under ZeRO-3 and with latent shards
+            torch_optim = None if _is_zero(tr) else tr.optimizer_state()  # collective with latent shards
             if self.writes:
                 attempt(lambda: _write_file(tmp / f"{n}.safetensors", save(tensors)))
-                if not _is_zero(tr):
-                    attempt(lambda: _write_file(tmp / f"{n}.optim.pt", _torch_bytes(tr.stepper.optimizer_state())))
+                if _is_zero(tr):
+                    settings = {"world": self.engine.world, **_optimizer_settings(tr.stepper)}
+                    attempt(lambda: _write_json(tmp / f"{n}.{ZERO_OPTIM}", settings))
+                else:
+                    optim = {**torch_optim, "param_names": _param_names(tr.stepper)}
+                    attempt(lambda: _write_file(tmp / f"{n}.{DDP_OPTIM}", _torch_bytes(optim)))
         attempt(lambda: self._write_rank_files(tmp))
         self._agree(failure, name, tmp)
 
@@ -438,7 +596,7 @@ class CheckpointManager:
         files = {}
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
-                files[f.relative_to(tmp).as_posix()] = _hash_file(f, sync=True)
+                files[f.relative_to(tmp).as_posix()] = _hash_file(f)
         from framework.routing import assign_owners  # noqa: PLC0415
 
         names = [s.name for s in cfg.saes]
@@ -504,27 +662,29 @@ class CheckpointManager:
                 self._set_aside()
             self.engine.barrier()
             return None
-        path, mode = self.root / choice["name"], choice["mode"]
+        path = self.root / choice["name"]
         state = read_state(path)
-        self._restore(path, state, mode)
+        self._restore(path, state, choice["same_ranks"])
         if self.engine.is_main:
-            where = ("the data stream continues where it stopped" if mode == "exact" else
-                     f"elastic resume from {choice['layout']}: weights, optimizer and counters restored, the data "
-                     "stream continues from the furthest position any rank had reached, mixing buffers start empty")
+            data = ("the data stream continues where it stopped" if choice["same_ranks"] else
+                    "the data stream continues from the furthest position any rank had reached, mixing buffers "
+                    "start empty")
+            where = (data if choice["mode"] == "exact" else f"elastic resume from {choice['layout']}: weights, "
+                     f"optimizer and counters restored (converted and re-sharded); {data}")
             log.warning("resuming from %s (step %d, %d tokens); %s", path, state["step"], state["tokens"], where)
         self.last_saved_step = state["step"]
         return state
 
     def _choose(self):
-        """Rank 0: {"name", "mode", "layout"}, None (nothing to resume) or an error message."""
+        """Rank 0: {"name", "mode", "layout", "same_ranks"}, None (nothing to resume) or an error message."""
         found = newest_valid(self.root, lambda err: log.warning("checkpoint %s; falling back to an older one", err))
         if found is None:
             return None
         path, manifest = found
         cfg = self.cfg
+        placement = cfg.dist.sae_placement if self.engine.world > 1 else "replicated"
         try:
-            mode = compatibility(manifest, self.engine.world, cfg.dist.strategy,
-                                 cfg.dist.sae_placement if self.engine.world > 1 else "replicated")
+            mode = compatibility(manifest, self.engine.world, cfg.dist.strategy, placement)
         except CheckpointError as err:
             return f"{path}: {err}"
         saved = yaml.safe_load((path / CONFIG).read_text())
@@ -535,7 +695,8 @@ class CheckpointManager:
         if harmless:
             log.warning("config differs from the checkpoint's (%s); continuing with the new values", "; ".join(harmless))
         layout = f"{manifest['strategy']}/{manifest['sae_placement']} on {manifest['world_size']} rank(s)"
-        return {"name": path.name, "mode": mode, "layout": layout}
+        same_ranks = (manifest["world_size"], manifest["sae_placement"]) == (self.engine.world, placement)
+        return {"name": path.name, "mode": mode, "layout": layout, "same_ranks": same_ranks}
 
     def _set_aside(self) -> None:
         old = [p for p in self.root.glob("step_*") if p.is_dir()] if self.root.is_dir() else []
@@ -546,11 +707,14 @@ class CheckpointManager:
         os.replace(self.root, aside)
         log.warning("starting fresh: the earlier checkpoints were moved to %s", aside)
 
-    def _restore(self, path: Path, state: dict, mode: str) -> None:
+    def _restore(self, path: Path, state: dict, same_ranks: bool) -> None:
+        """Trainers from any layout; the data stream, mixing buffer and metric sums of each rank
+        exactly if the ranks are the same (world size and placement: they do not depend on the
+        strategy), otherwise merged (see compatibility)."""
         for name, tr in self.trainers.items():
             _load_trainer(path, name, tr, state["saes"][name])
         rank = self.engine.rank
-        if mode == "exact":
+        if same_ranks:
             meta = json.loads((path / f"{_rank_name(rank)}.json").read_text())
             tensors = load_file(str(path / f"{_rank_name(rank)}.safetensors"))
             self.source.load_state_dict(meta["source"])
@@ -563,7 +727,7 @@ class CheckpointManager:
         else:
             from framework.activations import merge_positions  # noqa: PLC0415
 
-            old = [json.loads(p.read_text()) for p in sorted(path.glob("rank_*.json"))]
+            old = [json.loads((path / f"{_rank_name(r)}.json").read_text()) for r in range(state["world_size"])]
             self.source.load_position(merge_positions([m["source"]["position"] for m in old]))
             if rank == 0:  # the skip counters are summed over ranks at the end: keep their total once
                 self.source.nonfinite_tokens = sum(m["source"]["nonfinite_tokens"] for m in old)

@@ -32,6 +32,10 @@ class ModelConfig:
     # "" = whole model on model.device; "auto" / "balanced" / ... = Accelerate big-model loading
     # across this node's devices (and CPU/disk offload), for LLMs too big for one device
     device_map: str = ""
+    # "" = every rank holds the whole model; "zero3" = DeepSpeed ZeRO-3 partitions it over all
+    # ranks (each holds 1/world; gathered module by module in the forward, a collective: the
+    # ranks' LLM forwards run in lockstep, see framework/activations.py)
+    shard: str = ""
 
 
 @dataclass
@@ -74,7 +78,10 @@ class SAEConfig:
 @dataclass
 class TrainConfig:
     total_tokens: int = 1_000_000
-    batch_size: int = 1024  # tokens per SAE step
+    batch_size: int = 1024  # tokens per SAE optimizer step (all ranks, all accumulated micro-batches)
+    # micro-batches per optimizer step (each batch_size / grad_accumulation_steps tokens over the
+    # ranks); gradients are synchronised only on the last one
+    grad_accumulation_steps: int = 1
     optimizer: str = "adam"  # see framework/optim.py OPTIMIZERS
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of steps
@@ -114,6 +121,9 @@ class DistConfig:
     # replicated: every rank trains every SAE on its data shard (data parallel);
     # layer: each rank owns whole SAEs, activations are routed to their owner each step
     sae_placement: str = "replicated"
+    # ranks that split each SAE's latents (tensor parallel, framework/tensor_parallel.py): the
+    # world is data parallel x latent_shards; the ranks of a shard group read the same batches
+    latent_shards: int = 1
 
 
 @dataclass
@@ -242,10 +252,15 @@ def _choice(value: str, options, key: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no model. Site names, model names and kinds come from registries."""
-    from framework import hooks, llm, optim, sae, text_data  # registries (cheap imports)
+    from framework import hooks, llm, optim, sae, tensor_parallel, text_data  # registries (cheap imports)
 
     _check(bool(cfg.run_dir), "run_dir: must be set")
     _choice(cfg.model.dtype, {"float32", "bfloat16", "float16"}, "model.dtype")
+    _choice(cfg.model.shard, {"", "zero3"}, "model.shard")
+    _check(not (cfg.model.shard and cfg.model.device_map),
+           "model.shard / model.device_map: choose one way to split the LLM (ZeRO-3 across ranks, or a device map "
+           "inside a node)")
+    _check(not cfg.model.shard or cfg.data.source == "text", "model.shard: data.source=activations runs no LLM")
     _choice(cfg.train.autocast, {"none", "bfloat16"}, "train.autocast")
     _choice(cfg.data.source, {"text", "activations"}, "data.source")
     _choice(cfg.data.separator, {"eos", "bos", "none"}, "data.separator")
@@ -259,6 +274,12 @@ def validate(cfg: RunConfig) -> None:
            "each SAE is trained whole by one rank; use dist.strategy: ddp there")
     _check(not cfg.dist.strategy.startswith("zero") or cfg.train.optimizer == "adam",
            f"dist.strategy: {cfg.dist.strategy} needs train.optimizer: adam (DeepSpeed takes torch optimizers)")
+    _check(cfg.dist.latent_shards >= 1, "dist.latent_shards: must be >= 1 (1 = every rank holds whole SAEs)")
+    _check(cfg.dist.latent_shards == 1 or (cfg.dist.strategy == "ddp" and cfg.dist.sae_placement == "replicated"),
+           f"dist.latent_shards={cfg.dist.latent_shards} shards each SAE over a group of ranks, which works with "
+           f"dist.strategy: ddp and dist.sae_placement: replicated only (got {cfg.dist.strategy}/"
+           f"{cfg.dist.sae_placement}): ZeRO would partition the shards again, layer placement gives SAEs whole "
+           "to single ranks")
     if cfg.data.source == "text":
         llm.check_model_name(cfg.model.name)
         _check(bool(cfg.data.paths), "data.paths: give at least one text file, folder, glob or hub dataset")
@@ -272,6 +293,9 @@ def validate(cfg: RunConfig) -> None:
     t = cfg.train
     _check(t.total_tokens > 0, "train.total_tokens: must be > 0")
     _check(t.batch_size > 0, "train.batch_size: must be > 0")
+    _check(t.grad_accumulation_steps >= 1, "train.grad_accumulation_steps: must be >= 1")
+    _check(t.batch_size % t.grad_accumulation_steps == 0,
+           f"train.batch_size={t.batch_size} is not divisible by train.grad_accumulation_steps={t.grad_accumulation_steps}")
     _check(t.buffer_tokens >= t.batch_size, "train.buffer_tokens: must be >= train.batch_size")
     _check(len(t.adam_betas) == 2, "train.adam_betas: needs two numbers")
     _check(0 <= t.decay_fraction <= 1, "train.decay_fraction: must be in [0, 1]")
@@ -293,6 +317,13 @@ def validate(cfg: RunConfig) -> None:
         names.add(s.name)
         _choice(s.kind, sae.SAE_KINDS, f"{key}.kind")
         sae.parse_options(s.kind, s.options, f"{key}.options")
+        if getattr(sae.SAE_KINDS[s.kind], "wants_grad", False):  # gsae: d(LM loss)/d(activation) per token
+            _check(cfg.data.source == "text", f"{key}.kind: {s.kind} needs LM-loss gradients, which cached activations "
+                   "(data.source=activations) do not hold; use data.source=text")
+            _check(llm.model_type_hint(cfg.model.name) not in llm.ENCODER_TYPES,
+                   f"{key}.kind: {s.kind} needs a causal LM's next-token loss; '{cfg.model.name}' is an encoder")
+            _check(cfg.dist.sae_placement != "layer", f"{key}.kind: {s.kind} with dist.sae_placement=layer: routed "
+                   "batches carry only activations, not the LM-loss gradients; use dist.sae_placement=replicated")
         if cfg.data.source == "text":
             _check(bool(s.site), f"{key}.site: required (e.g. blocks.6.resid_post)")
             hooks.parse_site(s.site, f"{key}.site")
@@ -301,6 +332,8 @@ def validate(cfg: RunConfig) -> None:
         else:
             _check(not s.output_site, f"{key}.output_site: transcoders need an LLM source")
         _check(s.n_latents > 0, f"{key}.n_latents: must be > 0")
+        if cfg.dist.latent_shards > 1:
+            tensor_parallel.check_shardable(s.kind, s.n_latents, cfg.dist.latent_shards, key)
         _check(0 < s.k <= s.n_latents, f"{key}.k: must be in [1, n_latents={s.n_latents}], got {s.k}")
         _check(s.k_anneal_start == 0 or s.k <= s.k_anneal_start <= s.n_latents,
                f"{key}.k_anneal_start: must be 0 (off) or in [k={s.k}, n_latents]")
@@ -309,3 +342,7 @@ def validate(cfg: RunConfig) -> None:
         _check(s.dead_after_tokens > 0, f"{key}.dead_after_tokens: must be > 0")
         _check(s.lr >= 0, f"{key}.lr: must be >= 0")
         _choice(s.b_dec_init, {"geometric_median", "mean", "zeros"}, f"{key}.b_dec_init")
+    wants_grad = [s.name for s in cfg.saes if getattr(sae.SAE_KINDS[s.kind], "wants_grad", False)]
+    _check(t.grad_accumulation_steps == 1 or not wants_grad,
+           f"train.grad_accumulation_steps: {wants_grad} take one LM-loss gradient per whole batch (set_grad), which "
+           "is not split into micro-batches; use train.grad_accumulation_steps: 1 with these kinds")

@@ -13,6 +13,32 @@ Strategies (`dist.strategy`):
 Every rank of a data-parallel run holds every SAE; normalising statistics (batch variance,
 firing counts) are reduced across ranks inside the step, so N ranks with a global batch B
 compute what one process computes with batch B.
+
+Latent sharding (`dist.latent_shards` = T > 1, ddp only): the world is a (data parallel D) x
+(latent shards T) mesh; the T consecutive ranks of a group each hold n/T latents of every SAE
+(framework/tensor_parallel.py) and read the same batches, D groups split the data. Per SAE
+and optimizer step, with B_r = B / D tokens per rank, k_loc = min(k, n/T) and fp32 (4 B):
+  candidate gather  T*B_r*k_loc*4 B received per rank   (the global top-k selection)
+  x_hat all-reduce  B_r*d_out*4 B over the T shards      (partial decodes; the big one)
+  b_dec grad        d_in*4 B over the T shards (+ the same again when AuxK runs)
+  gradients         (n/T*(d_in+d_out+1) + d_out)*4 B over the D replicas (one packed all_reduce)
+  statistics        (d_out+2)*8 B over D (FVU normaliser), (n+1)*8 B over all ranks (firing
+                    counts), 4 B over T (gradient norm for clipping)
+Choose it when one SAE's weights, gradients and Adam state (16*n*(d_in+d_out) bytes) do not
+fit one device, or to split the B*n encoder work: the shards exchange activations (B_r*d_out +
+T*B_r*k_loc) instead of gradients, while plain data parallel all-reduces n*(d_in+d_out) floats
+per step - so it also moves less whenever B_r < n. ZeRO partitions the state too, but every
+rank still runs the whole B_r*n encoder and gathers/reduces parameters of size n*d.
+
+Gradient accumulation (`train.grad_accumulation_steps` = A): `train.batch_size` stays the
+tokens per optimizer step; each rank runs A micro-batches of B / (D*A) tokens and the
+gradients are synchronised once, on the last (DDP `no_sync` on the others; latent shards
+average over the replicas at the step; ZeRO uses DeepSpeed's `gradient_accumulation_steps`
+boundary: stage 1 reduces only there, stages 2/3 still reduce-scatter at every micro-step, as
+they keep gradients partitioned). The loss of the step is the exact mean of the A
+micro-batch losses; each micro-batch's FVU normaliser (its centred sum of squares over the
+ranks, d+2 doubles, and AuxK's) is still all-reduced at that micro-step, because the
+normalised loss must be known before the micro-step's backward.
 """
 
 from __future__ import annotations
@@ -24,7 +50,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
-from framework.config import DistConfig
+from framework.config import ConfigError, DistConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +65,18 @@ def _skip_deepspeed_shm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def mesh_shape(world: int, latent_shards: int) -> tuple[int, int]:
+    """(data-parallel size, latent shards) of a world of `world` ranks."""
+    if world % latent_shards:
+        raise ConfigError(f"dist.latent_shards={latent_shards} does not divide the world size {world} "
+                          "(world = data-parallel size x latent shards); launch a multiple of it")
+    return world // latent_shards, latent_shards
+
+
 class Engine:
-    """One per process. `world`/`rank` describe the data-parallel group of the SAEs."""
+    """One per process. `world`/`rank`: all processes. `dp_world`/`dp_rank`: the data-parallel
+    size and this rank's index in it (= world/rank without latent sharding; the ranks of one
+    latent-shard group share a dp_rank and read the same data). `tp_rank`: the latent shard."""
 
     def __init__(self, cfg: DistConfig, device_name: str = "auto"):
         self.cfg = cfg
@@ -68,27 +104,43 @@ class Engine:
             self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
+        self.dp_world, self.latent_shards = mesh_shape(self.world, cfg.latent_shards)
+        self.dp_rank, self.tp_rank = divmod(self.rank, self.latent_shards)
+        self.dp_group = self.tp_group = None  # the default group / no latent shards
+        if self.latent_shards > 1:
+            from framework.tensor_parallel import init_mesh  # noqa: PLC0415
+
+            self.dp_group, self.tp_group, _ = init_mesh(self.dp_world, self.latent_shards, self.device.type)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        """In-place sum over the data-parallel group (no-op alone)."""
+        """In-place sum over all ranks (no-op alone)."""
         if self.world > 1:
             dist.all_reduce(t)
+        return t
+
+    def data_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place sum over this rank's data-parallel group: every token counted once (the
+        ranks of a latent-shard group hold the same batch)."""
+        if self.dp_world > 1:
+            dist.all_reduce(t, group=self.dp_group)
         return t
 
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
 
-    def wrap(self, module: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> "Runner":
+    def wrap(self, module: torch.nn.Module, optimizer, scheduler, grad_clip: float, accumulation: int = 1) -> "Runner":
         if self.zero_stage:
-            return ZeroRunner(module, optimizer, scheduler, grad_clip, self.zero_stage)
+            return ZeroRunner(module, optimizer, scheduler, grad_clip, self.zero_stage, accumulation)
+        if self.latent_shards > 1:
+            return LatentShardedRunner(module, optimizer, scheduler, grad_clip, accumulation, self.dp_group)
         if self.world > 1:
-            return DDPRunner(module, optimizer, scheduler, grad_clip, self.accelerator)
-        return Runner(module, optimizer, scheduler, grad_clip)
+            return DDPRunner(module, optimizer, scheduler, grad_clip, accumulation, self.accelerator)
+        return Runner(module, optimizer, scheduler, grad_clip, accumulation)
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -97,24 +149,35 @@ class Engine:
 
 
 class Runner:
-    """A wrapped training module: forward, backward, step (clip + optimizer + schedule)."""
+    """A wrapped training module. Per optimizer step: `accumulation` times (forward, backward)
+    inside `micro_step(last)`, then `step()` (clip + optimizer + schedule)."""
 
-    def __init__(self, module, optimizer, scheduler, grad_clip: float):
+    def __init__(self, module, optimizer, scheduler, grad_clip: float, accumulation: int = 1):
         self.module, self.wrapped = module, module
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
+        self.accumulation = accumulation
 
     def __call__(self, *args):
         return self.wrapped(*args)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def micro_step(self, last: bool):
+        """Context of one micro-step's forward and backward; gradients are synchronised across
+        ranks only when `last` (the accumulation boundary)."""
+        return nullcontext()
 
-    def step(self) -> torch.Tensor:
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulates d(loss / accumulation): the step's loss is the mean of its micro-steps'."""
+        (loss / self.accumulation if self.accumulation > 1 else loss).backward()
+
+    def clip_grads(self) -> torch.Tensor:
+        """The gradient norm of the whole model, after clipping it to grad_clip (if set)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            return torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+
+    def step(self) -> torch.Tensor:
+        norm = self.clip_grads()
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -155,20 +218,41 @@ class Runner:
 
 
 class DDPRunner(Runner):
-    def __init__(self, module, optimizer, scheduler, grad_clip, accelerator):
-        super().__init__(module, optimizer, scheduler, grad_clip)
+    def __init__(self, module, optimizer, scheduler, grad_clip, accumulation, accelerator):
+        super().__init__(module, optimizer, scheduler, grad_clip, accumulation)
         self.wrapped = accelerator.prepare_model(module)
+
+    def micro_step(self, last: bool):
+        """DDP all-reduces gradients in backward unless inside no_sync: only the last micro-step
+        syncs (the reducer then averages the locally accumulated sums)."""
+        return nullcontext() if last else self.wrapped.no_sync()
+
+
+class LatentShardedRunner(Runner):
+    """A latent-sharded SAE (framework/tensor_parallel.py; `module.sae` is this rank's shard):
+    no DDP wrapper, the shard's own collectives run inside forward and backward. At the step,
+    one packed all_reduce averages the gradients over the data-parallel replicas, and clipping
+    uses the norm of the whole (unsharded) model."""
+
+    def __init__(self, module, optimizer, scheduler, grad_clip, accumulation, dp_group):
+        super().__init__(module, optimizer, scheduler, grad_clip, accumulation)
+        self.dp_group = dp_group
+
+    def clip_grads(self) -> torch.Tensor:
+        shard = self.module.sae
+        shard.sync_data_parallel_grads(self.dp_group)
+        return shard.clip_grad_norm_(self.grad_clip) if self.grad_clip > 0 else shard.grad_norm()
 
 
 class ZeroRunner(Runner):
-    def __init__(self, module, optimizer, scheduler, grad_clip, stage: int):
+    def __init__(self, module, optimizer, scheduler, grad_clip, stage: int, accumulation: int = 1):
         import deepspeed  # noqa: PLC0415
 
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError("ZeRO strategies need a torch optimizer (train.optimizer: adam)")
         config = {
-            "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: we feed whole batches
-            "gradient_accumulation_steps": 1,
+            "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: we feed whole micro-batches
+            "gradient_accumulation_steps": accumulation,  # DeepSpeed scales the loss and finds the boundary
             "gradient_clipping": grad_clip,
             "zero_optimization": {"stage": stage},
             "zero_allow_untested_optimizer": True,
@@ -181,12 +265,16 @@ class ZeroRunner(Runner):
             # save them for backward): keep them gathered for the objective's whole pass.
             for p in module.parameters():
                 deepspeed.zero.register_external_parameter(module, p)
-        super().__init__(module, opt, sched, grad_clip)
+        super().__init__(module, opt, sched, grad_clip, accumulation)
         self.wrapped = self.engine = engine
         self.stage = stage
 
     def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed divides by its gradient_accumulation_steps and counts micro-steps in
+        engine.step(), which must follow every backward (it updates only at the boundary)."""
         self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
 
     def step(self) -> torch.Tensor:
         self.engine.step()
@@ -197,12 +285,109 @@ class ZeroRunner(Runner):
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
+    @contextmanager
     def gathered(self, modify: bool = False):
-        if self.stage < 3:
-            return nullcontext()
+        """With modify=True the changes also reach DeepSpeed's fp32 master partitions: every
+        ZeRO stage keeps a separate master copy and overwrites the module from it at the next
+        step, which would silently undo e.g. the decoder renorm."""
         import deepspeed  # noqa: PLC0415
+        from deepspeed.utils import safe_set_full_fp32_param  # noqa: PLC0415
 
-        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0 if modify else None)
+        params = list(self.module.parameters())
+        whole = (deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+                 if self.stage == 3 else nullcontext())
+        with whole:
+            yield
+            if modify:  # still gathered: each rank copies its own partition out of the full values
+                for p in params:
+                    safe_set_full_fp32_param(p, p.data)
 
     def optimizer_state(self) -> dict:
-        raise NotImplementedError("ZeRO optimizer state is sharded: save it with the state manager")
+        raise RuntimeError("ZeRO optimizer state is partitioned over the ranks: use optimizer_partition")
+
+    # -- optimizer state, piece by piece: the state manager saves each rank's pieces and puts
+    # -- them back under any world size or stage -------------------------------------------------
+    def _pieces(self):
+        """(name, full shape, flat fp32 partition, offset in it, offset in the flattened full
+        parameter, numel) of each parameter piece this rank's optimizer holds (at most one per
+        parameter). This reads DeepSpeed's partition layout, the same attributes its own
+        safe_get_*/safe_set_* helpers use: stage 1/2 map each parameter onto the rank's flat fp32
+        partition of its group (`_hp_mapping`); stage 3 puts each parameter's partition at
+        `grad_position` in its sub-group's flat fp32 tensor. Stage 3 partitions are padded:
+        the padding is no part of any parameter and is skipped."""
+        opt = self.optimizer
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        if self.stage < 3:
+            flats = opt.single_partition_of_fp32_groups
+            for group in opt.bit16_groups:
+                for p in group:
+                    m = getattr(p, "_hp_mapping", None)
+                    if m is not None:
+                        yield (names[id(p)], tuple(p.shape), flats[m.param_group_index], m.hp_fragment_address.start,
+                               m.lp_fragment_address.start, m.lp_fragment_address.numel)
+        else:
+            flats = opt.fp32_partitioned_groups_flat
+            for group in opt.fp16_groups:
+                for p in group:
+                    index, offset, size = opt.grad_position[opt.get_param_id(p)]
+                    start = dist.get_rank(group=p.ds_process_group) * size
+                    numel = min(size, p.ds_numel - start)
+                    if numel > 0:
+                        yield names[id(p)], tuple(p.ds_shape), flats[index], offset, start, numel
+
+    def optimizer_partition(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """This rank's pieces of every parameter's flattened fp32 master weights and optimizer
+        state: tensors `<param>.master` and `<param>.<state key>` (e.g. exp_avg), and metadata
+        {"params": {param: {"shape", "start", "numel", "step", "keys"}}, ...} saying where each
+        piece lies in the full tensor. "step" is None before the first optimizer step."""
+        state_of = self.optimizer.optimizer.state
+        tensors, params = {}, {}
+        for name, shape, flat, offset, start, numel in self._pieces():
+            state = state_of.get(flat, {})
+            keys = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
+            for key, full in [("master", flat), *((k, state[k]) for k in keys)]:
+                tensors[f"{name}.{key}"] = full.detach().narrow(0, offset, numel).to("cpu").clone()
+            step = float(state["step"]) if "step" in state else None
+            params[name] = {"shape": list(shape), "start": start, "numel": numel, "step": step, "keys": keys}
+        meta = {"stage": self.stage, "rank": dist.get_rank(), "world": dist.get_world_size(), "params": params,
+                "global_steps": self.engine.global_steps, "skipped_steps": self.engine.skipped_steps}
+        return tensors, meta
+
+    @torch.no_grad()
+    def load_optimizer_partition(self, source) -> None:
+        """Set this rank's pieces from `source`, a checkpoint's optimizer state in any layout
+        (checkpoint.ZeroPieces / TorchPieces: shape(), step(), keys() and read(param, key, start,
+        numel) of the flattened full tensors, and counters). An engine that has not stepped yet
+        gets its optimizer state created here, as torch's Adam would at its first step."""
+        state_of, steps = self.optimizer.optimizer.state, {}
+        for name, shape, flat, offset, start, numel in self._pieces():
+            if list(shape) != source.shape(name):
+                raise ValueError(f"{name}: saved shape {source.shape(name)}, this model's is {list(shape)}")
+            flat.narrow(0, offset, numel).copy_(source.read(name, "master", start, numel))
+            step = source.step(name)
+            if steps.setdefault(id(flat), step) != step:  # one flat partition has one step count
+                raise ValueError(f"{name}: saved at optimizer step {step}, other parameters of its group at "
+                                 f"{steps[id(flat)]}")
+            if step is None:  # saved before the first step: there is no optimizer state yet
+                continue
+            state = state_of[flat]
+            if "step" in state:
+                state["step"].fill_(step)
+            else:
+                group = self.optimizer.optimizer.param_groups[0]
+                on_device = group.get("capturable") or group.get("fused")
+                state["step"] = torch.tensor(step, dtype=torch.float32, device=flat.device if on_device else "cpu")
+            for key in source.keys(name):
+                state.setdefault(key, torch.zeros_like(flat)).narrow(0, offset, numel).copy_(
+                    source.read(name, key, start, numel))
+        if self.stage < 3 and any(s is not None for s in steps.values()):
+            # link the parameters to the new state now (DeepSpeed does it after its first step),
+            # so that its safe_get_full_optimizer_state works straight after a resume
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+        # DeepSpeed's counters, as its own load_checkpoint sets them; the micro-step count is what
+        # finds the accumulation boundary: a checkpoint is always at one, under any accumulation
+        engine = self.engine
+        engine.global_steps = int(source.counters["global_steps"])
+        engine.skipped_steps = int(source.counters["skipped_steps"])
+        engine.global_samples = engine.global_steps * engine.train_batch_size()
+        engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()

@@ -6,10 +6,19 @@ on the eval tokens); dense fraction (fires on > 10% of tokens); cosine and norm 
 With an LLM source, the reconstruction is spliced into the forward pass at the site
 (special-token positions keep their clean activation) for delta CE, KL(clean || spliced) and
 CE recovered against zero ablation.
+
+Latent-sharded SAEs are evaluated as they train, every rank of a shard group on the same
+tokens: the reconstruction is replicated, while the firing counts (and so L0) are each
+shard's own latents' and are summed over the shards too (`latent_reduce`).
+
+Each SAE enters inference mode (`SAETrainer.evaluating`) once per metric pass, before its loop
+over batches, in the same order on every rank: under ZeRO-3 that is a collective gather, and
+ranks may hold different numbers of held-out batches.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from typing import Iterable
 
 import torch
@@ -32,8 +41,7 @@ class ReconstructionStats:
         self.sum_y2 = torch.zeros((), dtype=torch.float64, device=device)
         self.cos = torch.zeros((), dtype=torch.float64, device=device)
         self.norm_ratio = torch.zeros((), dtype=torch.float64, device=device)
-        self.l0 = torch.zeros((), dtype=torch.float64, device=device)
-        self.fires = torch.zeros(n_latents, dtype=torch.long, device=device)
+        self.fires = torch.zeros(n_latents, dtype=torch.long, device=device)  # L0 is their sum / tokens
 
     def add(self, y: torch.Tensor, y_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
         y, y_hat = y.double(), y_hat.double()
@@ -43,18 +51,18 @@ class ReconstructionStats:
         self.sum_y2 += y.pow(2).sum()
         self.cos += F.cosine_similarity(y, y_hat, dim=1).sum()
         self.norm_ratio += (y_hat.norm(dim=1) / y.norm(dim=1).clamp_min(1e-12)).sum()
-        active = values != 0
-        self.l0 += active.sum()
-        self.fires += torch.bincount(indices[active], minlength=self.fires.numel())
+        self.fires += torch.bincount(indices[values != 0], minlength=self.fires.numel())
 
-    def reduce_(self, reduce) -> "ReconstructionStats":
-        """Sum every accumulator over ranks (each rank evaluated its own held-out shard)."""
+    def reduce_(self, reduce, latent_reduce=None) -> "ReconstructionStats":
+        """Sum every accumulator over ranks (each rank evaluated its own held-out shard of the
+        tokens); the firing counts with `latent_reduce` (default: `reduce`), which also sums
+        over latent shards."""
         packed = torch.cat([self.err.reshape(1), self.sum_y2.reshape(1), self.cos.reshape(1), self.norm_ratio.reshape(1),
-                            self.l0.reshape(1), self.err.new_tensor([self.tokens]), self.sum_y])
+                            self.err.new_tensor([self.tokens]), self.sum_y])
         packed = reduce(packed)
-        self.err, self.sum_y2, self.cos, self.norm_ratio, self.l0 = packed[:5]
-        self.tokens, self.sum_y = int(packed[5]), packed[6:]
-        self.fires = reduce(self.fires)
+        self.err, self.sum_y2, self.cos, self.norm_ratio = packed[:4]
+        self.tokens, self.sum_y = int(packed[4]), packed[5:]
+        self.fires = (latent_reduce or reduce)(self.fires)
         return self
 
     def result(self) -> dict[str, float]:
@@ -63,7 +71,7 @@ class ReconstructionStats:
         density = self.fires.double() / n
         return {
             "fvu": (self.err / total_var.clamp_min(1e-30)).item(),
-            "l0": (self.l0 / n).item(),
+            "l0": (self.fires.sum().double() / n).item(),
             "dead_frac": (self.fires == 0).double().mean().item(),
             "dense_frac": (density > DENSE_THRESHOLD).double().mean().item(),
             "cos": (self.cos / n).item(),
@@ -75,6 +83,13 @@ class ReconstructionStats:
         return torch.log10(self.fires.double() / max(self.tokens, 1) + 1e-10)
 
 
+@contextmanager
+def inference_saes(trainers: dict):
+    """name -> the SAE in inference mode, entered once per SAE in a fixed order (see above)."""
+    with ExitStack() as stack:
+        yield {name: stack.enter_context(tr.evaluating()) for name, tr in trainers.items()}
+
+
 @torch.no_grad()
 def reconstruction_metrics(trainers: dict, source_batches: Iterable[dict], n_tokens: int) -> dict[str, ReconstructionStats]:
     """trainers: name -> SAETrainer; batches: site -> [T, d] from the held-out split."""
@@ -83,17 +98,18 @@ def reconstruction_metrics(trainers: dict, source_batches: Iterable[dict], n_tok
         sae = tr.sae
         stats[name] = ReconstructionStats(sae.n_latents, sae.d_out, tr.tokens_since_fired.device)
     seen = 0
-    for batch in source_batches:
-        if seen >= n_tokens:
-            break
-        take = min(n_tokens - seen, next(iter(batch.values())).shape[0])
-        seen += take
-        for name, tr in trainers.items():
-            with tr.evaluating() as sae:
+    with inference_saes(trainers) as saes:
+        for batch in source_batches:
+            if seen >= n_tokens:
+                break
+            take = min(n_tokens - seen, next(iter(batch.values())).shape[0])
+            seen += take
+            for name, tr in trainers.items():
+                sae = saes[name]
                 x = sae.normalize_input(batch[tr.input_site][:take])
                 y = sae.normalize_target(batch[tr.output_site][:take])
                 out = sae(x)
-            stats[name].add(y, out.x_hat, out.values, out.indices)
+                stats[name].add(y, out.x_hat, out.values, out.indices)
     return stats
 
 
@@ -123,27 +139,28 @@ def splice_metrics(source: LLMSource, trainers: dict, n_tokens: int, reduce) -> 
     model = source.model
     sums = {name: {"ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for name in trainers}
     ce_clean, predicted, seen = 0.0, 0, 0
-    for ids in source.sequences("eval"):
-        if seen >= n_tokens:
-            break
-        seen += ids.numel()
-        ids = ids.to(source.model_device)
-        keep = text_data.keep_mask(ids, source.specials, source.data_cfg.exclude_special_tokens)
-        clean = model(input_ids=ids, use_cache=False).logits
-        ce_clean += _next_token_ce(clean, ids).item()
-        predicted += ids[:, 1:].numel()
-        for name, tr in trainers.items():
-            in_spec, out_spec = hooks.parse_site(tr.input_site), hooks.parse_site(tr.output_site)
-            with hooks.capture(model, [in_spec], stop_early=False) as inputs, tr.evaluating() as sae:
-                def predict(act_at_keep, sae=sae, inputs=inputs):
-                    return sae.reconstruct(inputs[in_spec.name][keep])
-                with hooks.splice(model, out_spec, _replacement(keep, predict)):
-                    spliced = model(input_ids=ids, use_cache=False).logits
-            with hooks.splice(model, out_spec, _replacement(keep, torch.zeros_like)):
-                zero = model(input_ids=ids, use_cache=False).logits
-            sums[name]["ce_spliced"] += _next_token_ce(spliced, ids).item()
-            sums[name]["ce_zero"] += _next_token_ce(zero, ids).item()
-            sums[name]["kl"] += _kl_sum(clean, spliced).item()
+    with inference_saes(trainers) as saes:
+        for ids in source.sequences("eval"):
+            if seen >= n_tokens:
+                break
+            seen += ids.numel()
+            ids = ids.to(source.model_device)
+            keep = text_data.keep_mask(ids, source.specials, source.data_cfg.exclude_special_tokens)
+            clean = model(input_ids=ids, use_cache=False).logits
+            ce_clean += _next_token_ce(clean, ids).item()
+            predicted += ids[:, 1:].numel()
+            for name, tr in trainers.items():
+                in_spec, out_spec = hooks.parse_site(tr.input_site), hooks.parse_site(tr.output_site)
+                with hooks.capture(model, [in_spec], stop_early=False) as inputs:
+                    def predict(act_at_keep, sae=saes[name], inputs=inputs):
+                        return sae.reconstruct(inputs[in_spec.name][keep])
+                    with hooks.splice(model, out_spec, _replacement(keep, predict)):
+                        spliced = model(input_ids=ids, use_cache=False).logits
+                with hooks.splice(model, out_spec, _replacement(keep, torch.zeros_like)):
+                    zero = model(input_ids=ids, use_cache=False).logits
+                sums[name]["ce_spliced"] += _next_token_ce(spliced, ids).item()
+                sums[name]["ce_zero"] += _next_token_ce(zero, ids).item()
+                sums[name]["kl"] += _kl_sum(clean, spliced).item()
     names = list(sums)
     packed = reduce(torch.tensor([ce_clean, predicted, seen] + [v for n in names for v in sums[n].values()],
                                  dtype=torch.float64, device=source.device))
@@ -167,14 +184,15 @@ def splice_metrics(source: LLMSource, trainers: dict, n_tokens: int, reduce) -> 
 
 
 def evaluate(source, trainers: dict, eval_tokens: int, splice_tokens: int, splice: bool,
-             reduce=lambda t: t, world: int = 1, llm_source=None) -> dict[str, dict]:
+             reduce=lambda t: t, world: int = 1, llm_source=None, latent_reduce=None) -> dict[str, dict]:
     """All metrics per SAE name, plus the raw stats (for density histograms). When `world`
     ranks share the SAEs, each evaluates 1/world of the tokens on its own shard and `reduce`
-    sums the statistics. Splicing runs on `llm_source` (default: `source`) when it is an LLM."""
+    sums the statistics (per-latent counts with `latent_reduce`, default `reduce`). Splicing
+    runs on `llm_source` (default: `source`) when it is an LLM."""
     llm_source = llm_source if llm_source is not None else source
     stats = reconstruction_metrics(trainers, source.batches("eval"), max(1, eval_tokens // world))
     for s in stats.values():
-        s.reduce_(reduce)
+        s.reduce_(reduce, latent_reduce)
     results = {name: s.result() for name, s in stats.items()}
     if splice and isinstance(llm_source, LLMSource) and is_causal_lm(llm_source.model) and splice_tokens > 0:
         for name, metrics in splice_metrics(llm_source, trainers, max(1, splice_tokens // world), reduce).items():

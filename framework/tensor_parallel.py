@@ -47,6 +47,12 @@ Communication volume per step (fp32, B=4096 tokens, k=32, d=4096, n=2^20, W=8 sh
 Data parallel x tensor parallel: `init_mesh(dp, tp)` builds a ("dp", "tp") device mesh; each
 dp replica holds a full sharded model, every tp group reads the same batch, and
 `sync_data_parallel_grads(dp_group)` averages all gradients over dp (one packed all_reduce).
+
+In training (`dist.latent_shards`, see framework/engine.py for the per-step volume in B, d, n,
+k and the ranks): the trainer cuts each shard from the same full initialisation as an
+unsharded run (`from_full`), AuxK selects among dead latents with `encode_rows`, and
+checkpoints and exports hold the whole model in TopKSAE's layout (`gather_state` /
+`shard_state`, `gather_optimizer_state` / `shard_optimizer_state`), as an unsharded run's.
 """
 
 from __future__ import annotations
@@ -61,9 +67,12 @@ import kernels
 from framework.sae import SAE_KINDS, SAEBase, SAEOutput, TopKSAE
 
 __all__ = [
-    "shard_range", "LatentShardedTopK", "ShardedSAEOutput", "from_full", "gather_full", "gather_state",
-    "init_mesh", "CommCounter",
+    "shard_range", "check_shardable", "LatentShardedTopK", "ShardedSAEOutput", "from_full", "gather_full",
+    "gather_state", "shard_state", "gather_optimizer_state", "shard_optimizer_state", "init_mesh", "CommCounter",
 ]
+
+SHARDABLE_KINDS = ("topk", "abstopk")  # kinds whose selection is plain TopK / AbsTopK per token
+SHARDED_TENSORS = ("encoder_weight", "encoder_bias", "decoder_weight")  # split by rows; the rest replicated
 
 
 # -- sharding arithmetic -----------------------------------------------------------------
@@ -80,6 +89,20 @@ def shard_range(n_latents: int, rank: int, world: int) -> tuple[int, int]:
                          f"(tensor-parallel size); use a multiple of {world} ({hint})")
     per = n_latents // world
     return rank * per, (rank + 1) * per
+
+
+def check_shardable(kind: str, n_latents: int, shards: int, key: str = "sae") -> None:
+    """ConfigError (naming `key`) unless an SAE of this kind and width splits into `shards`."""
+    from framework.config import ConfigError  # noqa: PLC0415
+
+    if kind not in SHARDABLE_KINDS:
+        raise ConfigError(f"{key}.kind: '{kind}' cannot be latent-sharded (dist.latent_shards={shards}): only "
+                          f"{list(SHARDABLE_KINDS)} select a plain top k per token, which the shards agree on from "
+                          "gathered candidate values; use dist.latent_shards: 1 for this kind")
+    try:
+        shard_range(n_latents, 0, shards)
+    except ValueError as err:
+        raise ConfigError(f"{key}.n_latents: {err}") from None
 
 
 # -- collectives (all go through here so that CommCounter sees them) ----------------------
@@ -266,14 +289,7 @@ class LatentShardedTopK(SAEBase):
         latents for AuxK); pass mask[start:end] of a global mask."""
         k = k or self.k
         k_loc = min(k, self.n_local)
-        offset = self.input_offset()
-        if torch.is_grad_enabled():
-            needs = [t for t in (x, offset) if t.requires_grad]
-            if needs:
-                copied = _CopyToShards.apply(self.group, *needs)
-                copied = iter(copied if isinstance(copied, tuple) else (copied,))
-                x = next(copied) if x.requires_grad else x
-                offset = next(copied) if offset.requires_grad else offset
+        x, offset = self._encoder_inputs(x)
         values, idx = kernels.topk_encode(x, self.encoder_weight, self.encoder_bias, offset, k_loc,
                                           use_abs=self.use_abs, latent_mask=latent_mask, backend=self.backend)
         score = values.detach().abs() if self.use_abs else values.detach()
@@ -292,6 +308,46 @@ class LatentShardedTopK(SAEBase):
         values, indices = self.encode(x, k)
         return ShardedSAEOutput(self.decode(values, indices), values, indices, start=self.start)
 
+    def _encoder_inputs(self, x: torch.Tensor):
+        """(x, encoder offset), through _CopyToShards when they need gradients: each shard's
+        encoder sees only its latents, so their gradients are summed over the group."""
+        offset = self.input_offset()
+        if torch.is_grad_enabled():
+            needs = [t for t in (x, offset) if t.requires_grad]
+            if needs:
+                copied = _CopyToShards.apply(self.group, *needs)
+                copied = iter(copied if isinstance(copied, tuple) else (copied,))
+                x = next(copied) if x.requires_grad else x
+                offset = next(copied) if offset.requires_grad else offset
+        return x, offset
+
+    def encode_rows(self, x: torch.Tensor, rows: torch.Tensor, k: int):
+        """Global top k among the latents `rows` only (global ids, the same on every rank; e.g.
+        AuxK's dead latents): (values [B, k], global indices [B, k]), values 0 in slots not kept.
+        Each shard multiplies only its own rows of `rows` (cost B*d*len(rows)/W, not another
+        full encoder pass). Every rank must call it, also without local rows: it joins the
+        candidate gather and, in backward, b_dec's gradient reduce."""
+        local = rows[(rows >= self.start) & (rows < self.end)] - self.start
+        x, offset = self._encoder_inputs(x)
+        B, k_here = x.shape[0], min(k, local.numel())
+        dtype = torch.promote_types(x.dtype, self.encoder_weight.dtype)  # the kernel's value dtype
+        values = x.new_zeros(B, k, dtype=dtype)
+        idx = torch.zeros(B, k, dtype=torch.long, device=x.device)
+        score = torch.full((B, k), -1.0, dtype=dtype, device=x.device)  # padding: below every real score
+        if k_here:
+            v, sub = kernels.topk_encode(x, self.encoder_weight[local], self.encoder_bias[local], offset, k_here,
+                                         use_abs=self.use_abs, backend=self.backend)
+            values = torch.cat([v, values[:, k_here:]], dim=1)
+            idx[:, :k_here] = local[sub]
+            score[:, :k_here] = v.detach().abs() if self.use_abs else v.detach()
+        elif offset.requires_grad:
+            values = values + 0 * offset.sum()  # b_dec's backward reduce must run on every rank
+        keep = _global_keep(score, idx, k, self.group, self.rank, self.world)
+        values = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        return values, idx + self.start
+
+    def after_step(self, out) -> None:
+        """TopK/AbsTopK keep no state between steps (the trainer calls this like TopKSAE's)."""
 
     # -- group-wide helpers ---------------------------------------------------------------
     def tp_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -351,20 +407,20 @@ def from_full(sae: TopKSAE, rank: int | None = None, world: int | None = None, g
               backend: str = "auto") -> LatentShardedTopK:
     """This rank's shard of a full TopKSAE/AbsTopKSAE (parameters copied, same dtype/device)."""
     if type(sae).forward is not TopKSAE.forward:
-        raise NotImplementedError(f"{type(sae).__name__} overrides forward(); only TopK selection is sharded")
+        raise ValueError(f"{type(sae).__name__} overrides forward(); only TopK selection is sharded")
     kind = next((name for name in SAE_KINDS if SAE_KINDS[name] is type(sae)), None)
     shard = LatentShardedTopK(sae.d_in, sae.n_latents, sae.k, group=group, rank=rank, world=world,
                               d_out=sae.d_out if sae.is_transcoder else None, use_abs=sae.use_abs,
                               kind=kind, backend=backend, dtype=sae.encoder_weight.dtype,
                               device=sae.encoder_weight.device)
-    s, e = shard.start, shard.end
-    with torch.no_grad():
-        for name in ("encoder_weight", "encoder_bias", "decoder_weight"):
-            getattr(shard, name).data = getattr(sae, name).detach()[s:e].clone()
-        shard.b_dec.data = sae.b_dec.detach().clone()
-        shard.input_scale.copy_(sae.input_scale)
-        shard.output_scale.copy_(sae.output_scale)
+    shard.load_state_dict(shard_state(shard, sae.state_dict()))
     return shard
+
+
+def shard_state(shard: LatentShardedTopK, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's part of a whole model's state_dict (TopKSAE names): rows [start, end) of the
+    sharded tensors, the replicated ones as they are. Inverse of gather_state."""
+    return {k: v[shard.start : shard.end] if k in SHARDED_TENSORS else v for k, v in state.items()}
 
 
 def gather_tensor(local: torch.Tensor, group, world: int, dst: int | None = None) -> torch.Tensor | None:
@@ -385,7 +441,7 @@ def gather_tensor(local: torch.Tensor, group, world: int, dst: int | None = None
 def gather_state(shard: LatentShardedTopK, dst: int | None = None) -> dict[str, torch.Tensor] | None:
     """The full model's state_dict (TopKSAE names) on every rank, or on group rank dst only."""
     state = {}
-    for name in ("encoder_weight", "encoder_bias", "decoder_weight"):
+    for name in SHARDED_TENSORS:
         state[name] = gather_tensor(getattr(shard, name), shard.group, shard.world, dst)
     if dst is not None and shard.rank != dst:
         return None
@@ -405,6 +461,36 @@ def gather_full(shard: LatentShardedTopK, dst: int | None = None) -> TopKSAE | N
                                     d_out=shard.d_out if shard.is_transcoder else None)
     sae.load_state_dict(state, assign=True)
     return sae
+
+
+def _map_row_states(shard: LatentShardedTopK, opt_state: dict, rows: int, fn) -> dict:
+    """Copy of a torch optimizer state_dict (of an optimizer over list(shard.parameters())) with
+    fn(t) applied to each state tensor that follows a sharded parameter row by row (Adam's
+    moments, schedule-free's z: shape [rows, *param.shape[1:]]); step counters, hyperparameters
+    and the replicated b_dec's state stay as they are. Same order on every rank."""
+    params = list(shard.parameters())
+    sharded = {i for i, p in enumerate(params) if any(p is q for q in shard.sharded_parameters())}
+    out = {**opt_state, "state": {}}
+    for i, st in opt_state["state"].items():
+        shape = (rows, *params[i].shape[1:])
+        out["state"][i] = {key: fn(v) if i in sharded and torch.is_tensor(v) and tuple(v.shape) == shape else v
+                           for key, v in st.items()}
+    return out
+
+
+def gather_optimizer_state(shard: LatentShardedTopK, state: dict, dst: int | None = 0) -> dict | None:
+    """A runner's {"optimizer": state_dict, ...} in the whole model's layout, as an unsharded run
+    would save it: the per-row state of the sharded parameters concatenated over the group, on
+    group rank dst (None elsewhere; on every rank with dst=None). Collective."""
+    gather = lambda t: gather_tensor(t, shard.group, shard.world, dst)  # noqa: E731
+    whole = {**state, "optimizer": _map_row_states(shard, state["optimizer"], shard.n_local, gather)}
+    return whole if dst is None or shard.rank == dst else None
+
+
+def shard_optimizer_state(shard: LatentShardedTopK, state: dict) -> dict:
+    """Inverse of gather_optimizer_state: this rank's rows of a whole-layout optimizer state."""
+    take = lambda t: t[shard.start : shard.end].clone()  # noqa: E731
+    return {**state, "optimizer": _map_row_states(shard, state["optimizer"], shard.n_latents, take)}
 
 
 # -- 2-D (dp, tp) mesh ----------------------------------------------------------------------

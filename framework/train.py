@@ -18,13 +18,14 @@ from framework import checkpoint, export
 from framework.activations import ActivationSource, FileSource, LLMSource
 from framework.buffer import MixingBuffer
 from framework.config import ConfigError, RunConfig
-from framework.engine import Engine
+from framework.engine import Engine, mesh_shape
 from framework.evaluate import evaluate
-from framework.llm import load_frozen
+from framework.llm import check_zero3_layout, load_frozen
 from framework.logs import RunLogger
 from framework.preemption import Preempted, PreemptionFlag
 from framework.routing import RoutedSource, assign_owners
 from framework.sae_trainer import SAETrainer, total_steps_for
+from framework.variants.gsae import grad_key, gradient_sites
 
 log = logging.getLogger("sparsemill")
 
@@ -54,20 +55,28 @@ def sae_sites(cfg: RunConfig, source: ActivationSource) -> dict[str, tuple[str, 
 def build_source(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1) -> ActivationSource:
     if cfg.data.source == "activations":
         return FileSource(cfg.data, device, cfg.train.seed, eval_rows=cfg.eval.tokens, rank=rank, world=world)
+    check_zero3_layout(cfg, world)
     model, tokenizer = load_frozen(cfg.model, seed=cfg.train.seed)
     sites = sorted({s.site for s in cfg.saes} | {s.output_site for s in cfg.saes if s.output_site})
-    return LLMSource(cfg.data, model, tokenizer, sites, device, cfg.train.seed, rank, world)
+    return LLMSource(cfg.data, model, tokenizer, sites, device, cfg.train.seed, rank, world,
+                     grad_sites=gradient_sites(cfg.saes))
 
 
 def check_layout(cfg: RunConfig, world: int) -> None:
     """Impossible distributed layouts fail before any model loads."""
+    t = cfg.train
     if cfg.dist.sae_placement == "layer":
         assign_owners([s.name for s in cfg.saes], world)
         return
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world}")
-    if cfg.train.buffer_tokens < cfg.train.batch_size // world:
-        raise ConfigError("train.buffer_tokens: must be >= the per-rank batch (train.batch_size / world size)")
+    dp, shards = mesh_shape(world, cfg.dist.latent_shards)
+    ranks = "world size" if shards == 1 else f"data-parallel size (world size {world} / dist.latent_shards={shards})"
+    if t.batch_size % dp:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {ranks} {dp}")
+    if (t.batch_size // dp) % t.grad_accumulation_steps:
+        raise ConfigError(f"train.batch_size={t.batch_size}: the per-rank batch {t.batch_size // dp} is not divisible "
+                          f"by train.grad_accumulation_steps={t.grad_accumulation_steps}")
+    if t.buffer_tokens < t.batch_size // dp:
+        raise ConfigError(f"train.buffer_tokens: must be >= the per-rank batch (train.batch_size / {ranks})")
 
 
 @dataclass
@@ -89,7 +98,7 @@ def place(cfg: RunConfig, engine: Engine, source: ActivationSource, sites: dict)
                          for r in range(engine.world)]
         mine = [s for s in cfg.saes if owners[s.name] == engine.rank]
         return Placement(mine, RoutedSource(source, sites_of_rank, engine.rank, engine.world), 1, None, True)
-    return Placement(list(cfg.saes), source, engine.world, engine, False)
+    return Placement(list(cfg.saes), source, engine.dp_world, engine, False)
 
 
 def _take_tokens(stream, n_tokens: int) -> list[dict]:
@@ -124,10 +133,11 @@ def init_saes(trainers: dict, sae_cfgs: list, init: list[dict], broadcast: bool)
 
 
 def run_eval(cfg: RunConfig, p: Placement, llm_source, trainers, logger: RunLogger, step: int) -> dict:
-    reduce = p.sae_engine.all_reduce_ if p.sae_engine is not None else (lambda t: t)
+    reduce = p.sae_engine.data_reduce_ if p.sae_engine is not None else (lambda t: t)
+    latent_reduce = p.sae_engine.all_reduce_ if p.sae_engine is not None else None  # sums the shards' counts
     with checkpoint.training_weights_kept(trainers.values()):
         result = evaluate(p.source, trainers, cfg.eval.tokens, cfg.eval.splice_tokens, cfg.eval.splice,
-                          reduce, p.share, llm_source)
+                          reduce, p.share, llm_source, latent_reduce)
     logger.eval_results(result["metrics"], result["stats"], step)
     return result
 
@@ -137,7 +147,7 @@ def export_all(cfg: RunConfig, run_dir: Path, trainers: dict, stats: dict, token
     for s in cfg.saes:
         if s.name not in trainers:
             continue
-        with checkpoint.training_weights_kept([trainers[s.name]]), trainers[s.name].evaluating() as sae:
+        with checkpoint.training_weights_kept([trainers[s.name]]), trainers[s.name].evaluating(whole=True) as sae:
             if write:
                 export.export_sae(sae, run_dir / "export" / s.name, s.kind, checkpoint.export_metadata(cfg, s, tokens),
                                   stats[s.name].log10_density())
@@ -169,14 +179,14 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
     seed_everything(cfg.train.seed)
     device = engine.device
 
-    llm_source = build_source(cfg, device, engine.rank, engine.world)
+    llm_source = build_source(cfg, device, engine.dp_rank, engine.dp_world)  # a latent-shard group reads one stream
     sites = sae_sites(cfg, llm_source)
     p = place(cfg, engine, llm_source, sites)
     total_steps = total_steps_for(cfg.train)
     trainers = {s.name: SAETrainer(s, cfg.train, *sites[s.name], p.source.dims, total_steps, device,
                                    seed=cfg.train.seed + cfg.saes.index(s), engine=p.sae_engine) for s in p.saes}
     buffer = MixingBuffer(cfg.train.buffer_tokens // p.share, cfg.train.batch_size // p.share,
-                          cfg.train.seed + engine.rank, device)
+                          cfg.train.seed + engine.dp_rank, device)
     ckpt = checkpoint.CheckpointManager(run_dir / "checkpoints", cfg, engine, trainers, buffer, llm_source,
                                         p.each_rank_writes)
     resumed = ckpt.resume(cfg.train.resume)  # restores weights, optimizer, counters, data position, buffer, RNG
@@ -193,6 +203,8 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
     save = lambda: ckpt.save(step, tokens, {"hist_tokens": logger.hist_tokens, "eval": last_eval})  # noqa: E731
     for batch in buffer.batches(stream) if tokens < cfg.train.total_tokens else ():
         for tr in trainers.values():
+            if getattr(tr.sae, "wants_grad", False):  # gsae: d(LM loss)/d(activation) of these rows
+                tr.sae.set_grad(batch.get(grad_key(tr.output_site)))
             tr.step(batch[tr.input_site], batch[tr.output_site])
         step += 1
         tokens += cfg.train.batch_size
@@ -216,13 +228,14 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
     export_all(cfg, run_dir, trainers, result["stats"], tokens, write=engine.is_main or p.each_rank_writes)
     logger.close()
     metrics = _gather_dicts(result["metrics"], engine, p.each_rank_writes)
-    skipped = engine.all_reduce_(torch.tensor([llm_source.nonfinite_tokens, llm_source.outlier_tokens], device=device))
+    skipped = engine.data_reduce_(torch.tensor([llm_source.nonfinite_tokens, llm_source.outlier_tokens], device=device))
     summary = {
         "tokens": tokens,
         "steps": step,
         "world_size": engine.world,
         "strategy": cfg.dist.strategy,
         "sae_placement": cfg.dist.sae_placement,
+        "latent_shards": engine.latent_shards,
         "train_seconds": round(train_seconds, 2),
         "tokens_per_s": round((tokens - logger.start_tokens) / max(train_seconds, 1e-9), 1),
         "nonfinite_tokens_skipped": int(skipped[0]),

@@ -1,5 +1,6 @@
 """Real multi-process (gloo, CPU) runs: the same global batches give the same weights on 1 and
-2 ranks for ddp and every ZeRO stage; whole training runs (data parallel with ZeRO-2, and
+2 ranks for ddp and every ZeRO stage, with and without gradient accumulation (and DDP's inner
+micro-steps do not all-reduce); whole training runs (data parallel with ZeRO-2, and
 layer-distributed SAEs) through torchrun; impossible layouts fail early."""
 
 import itertools
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -19,6 +21,7 @@ from framework.train import check_layout
 
 WORKER = Path(__file__).parent / "workers" / "dist_sae_steps.py"
 STRATEGIES = ["ddp", "zero1", "zero2", "zero3"]
+ACCUMULATIONS = [1, 2]
 
 
 def _torchrun(nproc: int, *args: str, timeout: int = 420) -> subprocess.CompletedProcess:
@@ -32,22 +35,54 @@ def _torchrun(nproc: int, *args: str, timeout: int = 420) -> subprocess.Complete
 def strategy_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     for nproc in (1, 2):
-        _torchrun(nproc, str(WORKER), str(out), ",".join(STRATEGIES))
+        _torchrun(nproc, str(WORKER), str(out), ",".join(STRATEGIES), ",".join(map(str, ACCUMULATIONS)))
     return out
 
 
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_one_and_two_ranks_train_identical_weights(strategy_runs, strategy):
-    one = load_file(str(strategy_runs / f"{strategy}_w1.safetensors"))
-    two = load_file(str(strategy_runs / f"{strategy}_w2.safetensors"))
+def test_one_and_two_ranks_train_identical_weights(strategy_runs, strategy, accumulation):
+    """With accumulation A, both layouts see the same global micro-batches (2 ranks: half of
+    each); the step's loss is the mean of the A micro-batch losses."""
+    run = f"{strategy}_a{accumulation}"
+    one = load_file(str(strategy_runs / f"{run}_w1.safetensors"))
+    two = load_file(str(strategy_runs / f"{run}_w2.safetensors"))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
-    m1 = json.loads((strategy_runs / "metrics_w1.json").read_text())[strategy]
-    m2 = json.loads((strategy_runs / "metrics_w2.json").read_text())[strategy]
+    print(f"{run}: max |w(2 ranks) - w(1 rank)| = {_max_diff(one, two):.3g}")
+    m1 = json.loads((strategy_runs / "metrics_w1.json").read_text())[run]
+    m2 = json.loads((strategy_runs / "metrics_w2.json").read_text())[run]
     for key in ("fvu", "aux_loss", "l0", "dead_frac"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-5), key
     assert m1["aux_loss"] > 0 and m1["dead_frac"] > 0  # the AuxK path was exercised
+    if accumulation > 1:  # accumulation changed the trajectory (it is not a no-op)
+        assert _max_diff(one, load_file(str(strategy_runs / f"{strategy}_a1_w1.safetensors"))) > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "ddp"])
+def test_zero_stages_train_the_same_weights_as_ddp(strategy_runs, strategy):
+    """Every ZeRO stage keeps its own fp32 master copy; the decoder renorm (and any kind's
+    after-step change) must reach it, or ZeRO silently trains another model than ddp."""
+    ddp = load_file(str(strategy_runs / "ddp_a1_w1.safetensors"))
+    zero = load_file(str(strategy_runs / f"{strategy}_a1_w1.safetensors"))
+    print(f"{strategy}: max |w(zero) - w(ddp)| = {_max_diff(ddp, zero):.3g}")
+    for name in ddp:
+        torch.testing.assert_close(zero[name], ddp[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_inner_micro_steps_do_not_all_reduce(strategy_runs):
+    """DDP's reducer (a counting comm hook) runs as often per optimizer step with 2 micro-steps
+    as with 1: the inner micro-step's backward is under no_sync."""
+    m2 = json.loads((strategy_runs / "metrics_w2.json").read_text())
+    assert m2["ddp_a1"]["reducer_calls_per_step"] >= 1
+    assert m2["ddp_a2"]["reducer_calls_per_step"] == m2["ddp_a1"]["reducer_calls_per_step"]
 
 
 def _tiny_config(tmp_path, text_dir, **dist) -> Path:
@@ -84,6 +119,32 @@ def test_two_process_training_run(tmp_path, text_dir, dist):
     state = json.loads((run / "checkpoints" / latest / "state.json").read_text())
     assert state["world_size"] == 2 and state["saes"] == {"resid": 8, "tc": 8}
     assert summary["saes"]["resid"]["fvu"] < 1
+
+
+@pytest.mark.slow
+def test_zero3_run_whose_ranks_hold_unequal_eval_batches(tmp_path):
+    """The held-out rows form one file chunk, so rank 1 has no eval batch at all. Inference
+    mode under ZeRO-3 is a collective gather: entering it per batch deadlocked here."""
+    g = torch.Generator().manual_seed(0)
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    for i in range(2):
+        codes = (torch.rand(3000, 40, generator=g) < 0.1).float() * torch.rand(3000, 40, generator=g)
+        np.save(acts / f"shard{i}.npy", (codes @ torch.randn(40, 16, generator=g)).numpy())
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "activations", "activations_dir": str(acts)},
+        "saes": [{"name": "s", "n_latents": 64, "k": 4}],
+        "train": {"total_tokens": 2048, "batch_size": 256, "buffer_tokens": 512, "init_tokens": 256},
+        "eval": {"tokens": 1000, "every_steps": 4},
+        "log": {"progress": False, "tensorboard": False},
+        "dist": {"strategy": "zero3"},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    _torchrun(2, "-m", "framework", "train", str(tmp_path / "cfg.yaml"), "--quiet", timeout=240)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["saes"]["s"]["eval_tokens"] == 500  # eval.tokens / world, all from rank 0
+    assert (tmp_path / "run" / "export" / "s" / "sae_weights.safetensors").is_file()
 
 
 def test_impossible_layouts_fail_before_loading(tmp_path, text_dir):

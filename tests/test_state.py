@@ -1,5 +1,6 @@
 """The state manager: exact resume after kill -9 (1 process, and 2-process ddp through torchrun),
-atomic saves, corruption fallback, disk full, export and inspect, resumable data streams."""
+atomic saves, corruption fallback, disk full, export and inspect, resumable data streams, and
+ZeRO/ddp checkpoints resumed under other strategies and world sizes (pickle-free files)."""
 
 from __future__ import annotations
 
@@ -100,15 +101,19 @@ def _all_published_valid(root: Path) -> None:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("acts")
+def _write_shards(folder: Path, n_shards: int, rows: int) -> Path:
+    """Sparse codes over a fixed 48 x 16 dictionary, as .npy activation shards."""
     g = np.random.default_rng(0)
     dictionary = g.standard_normal((48, 16)).astype(np.float32)
-    for i in range(3):
-        codes = (g.random((5000, 48)) < 0.06) * g.exponential(1.0, (5000, 48))
+    for i in range(n_shards):
+        codes = (g.random((rows, 48)) < 0.06) * g.exponential(1.0, (rows, 48))
         np.save(folder / f"shard{i}.npy", (codes @ dictionary).astype(np.float32))
     return folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return _write_shards(tmp_path_factory.mktemp("acts"), 3, 5000)
 
 
 def _files_cfg(folder: Path, shards: Path, steps: int = 24, **train) -> Path:
@@ -226,16 +231,38 @@ def test_file_position_resumes_across_epochs_and_merges_for_other_world_sizes(tm
 
 
 def test_world_size_and_strategy_transitions():
-    manifest = {"world_size": 2, "strategy": "ddp", "sae_placement": "replicated"}
+    manifest = {"format": checkpoint.FORMAT, "world_size": 2, "strategy": "ddp", "sae_placement": "replicated"}
     assert compatibility(manifest, 2, "ddp", "replicated") == "exact"
     assert compatibility(manifest, 1, "ddp", "replicated") == "elastic"
     assert compatibility(manifest, 4, "ddp", "layer") == "elastic"
-    with pytest.raises(CheckpointError, match="optimizer state of ddp and zero2 differ"):
-        compatibility(manifest, 2, "zero2", "replicated")
-    zero = {"world_size": 2, "strategy": "zero2", "sae_placement": "replicated"}
+    assert compatibility(manifest, 2, "zero2", "replicated") == "elastic"
+    zero = {**manifest, "strategy": "zero2"}
     assert compatibility(zero, 2, "zero2", "replicated") == "exact"
-    with pytest.raises(CheckpointError, match="partitioned for 2 rank"):
-        compatibility(zero, 1, "zero2", "replicated")
+    assert compatibility(zero, 1, "zero2", "replicated") == "elastic"
+    assert compatibility(zero, 4, "zero3", "replicated") == "elastic"
+    assert compatibility(zero, 2, "ddp", "layer") == "elastic"
+    with pytest.raises(CheckpointError, match=r"zero2/replicated on 2 rank\(s\) cannot resume as zero3/layer on 2 "
+                                              r"rank\(s\): ZeRO does not combine with dist.sae_placement=layer"):
+        compatibility(zero, 2, "zero3", "layer")
+    # format 2 kept ZeRO state as DeepSpeed pickles: refused; its ddp checkpoints still resume as ddp
+    with pytest.raises(CheckpointError, match="format 2, zero2.*DeepSpeed checkpoint made of pickles.*--no-resume"):
+        compatibility({**zero, "format": 2}, 2, "zero2", "replicated")
+    assert compatibility({**manifest, "format": 2}, 1, "ddp", "replicated") == "elastic"
+    with pytest.raises(CheckpointError, match="lacks the parameter names needed to convert it to zero3"):
+        compatibility({**manifest, "format": 2}, 2, "zero3", "replicated")
+    with pytest.raises(CheckpointError, match="this version reads format 3"):
+        compatibility({**manifest, "format": 4}, 2, "ddp", "replicated")
+
+
+def test_old_format_checkpoints_fail_clearly_or_resume(tmp_path, reference, caplog):
+    run, path = _copy_run(reference, tmp_path)
+    manifest_path = run / "checkpoints" / "step_00000024" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "format": 2, "strategy": "zero2"}))
+    with pytest.raises(CheckpointError, match="cannot resume: its ZeRO optimizer state is a DeepSpeed checkpoint"):
+        train(load_config(path))
+    manifest_path.write_text(json.dumps({**manifest, "format": 2}))  # ddp files have not changed
+    assert train(load_config(path))["steps"] == 24 and "resuming from" in caplog.text
 
 
 # --------------------------------------------------------------------------- single-process runs
@@ -488,3 +515,130 @@ def test_two_process_ddp_kill9_resumes_bitwise_and_elastically_on_one(tmp_path, 
     summary = train(load_config(elastic_path))
     assert summary["steps"] == 24 and summary["world_size"] == 1
     assert 0 < summary["saes"]["r"]["fvu"] < 1.5
+
+
+# --------------------------------------------------------------------------- ZeRO state, other layouts
+
+STATE_WORKER = Path(__file__).parent / "workers" / "zero_state_worker.py"
+LAYOUT_STEPS = 10
+# run: (strategy, ranks, resumed from (run, step) or None). Every run trains to step 10 and saves
+# every 2 steps; chained, so that few processes cover every transition.
+LAYOUT_RUNS = {
+    "zero2x2": ("zero2", 2, None),
+    "zero2x2-again": ("zero2", 2, ("zero2x2", 4)),  # exact
+    "zero2x1": ("zero2", 1, ("zero2x2", 4)),  # 2 ranks -> 1
+    "zero2x1-on-2": ("zero2", 2, ("zero2x1", 6)),  # 1 rank -> 2
+    "zero3x2": ("zero3", 2, ("zero2x2", 4)),  # zero2 -> zero3
+    "zero3x2-again": ("zero3", 2, ("zero3x2", 6)),  # exact
+    "zero3x1": ("zero3", 1, ("zero3x2", 6)),  # 2 ranks -> 1
+    "ddpx2": ("ddp", 2, ("zero3x2", 6)),  # zero3 -> ddp
+    "ddpx2-to-zero2": ("zero2", 2, ("ddpx2", 8)),  # ddp -> zero2
+}
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    """Shards of 1000 rows: a held-out split of 2000 rows gives each of 2 ranks one eval chunk
+    (ZeRO-3 evaluation gathers parameters per batch, so ranks must see as many eval batches)."""
+    return _write_shards(tmp_path_factory.mktemp("small_acts"), 6, 1000)
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory, small_shards):
+    """LAYOUT_RUNS made on first use through tests/workers/zero_state_worker.py: each folder holds
+    run/ and dump/ (the live state at every save and after the resume), stderr.txt, summary.json."""
+    root = tmp_path_factory.mktemp("layouts")
+    cfg = _files_cfg(root, small_shards, steps=LAYOUT_STEPS, keep_checkpoints=5)
+    done = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            strategy, nproc, origin = LAYOUT_RUNS[name]
+            folder = root / name
+            if origin:
+                shutil.copytree(get(origin[0]) / "run", folder / "run")
+                for p in checkpoint.list_checkpoints(folder / "run" / "checkpoints"):
+                    if checkpoint.step_of(p) > origin[1]:
+                        shutil.rmtree(p)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   str(STATE_WORKER), str(cfg), str(folder / "dump"), f"run_dir={folder / 'run'}",
+                   f"dist.strategy={strategy}", "eval.tokens=2000", "eval.every_steps=0"]
+            done_run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            assert done_run.returncode == 0, done_run.stderr[-4000:]
+            (folder / "stderr.txt").write_text(done_run.stderr)
+            done[name] = folder
+        return done[name]
+
+    return get
+
+
+def _same_live_state(saved: Path, restored: Path) -> None:
+    """Weights, fp32 master weights, Adam moments, step, lr, schedule position and dead-latent
+    counters, bit for bit. ddp has no separate master weights: its weights stand in for them."""
+    a, b = load_file(str(saved)), load_file(str(restored))
+    if not any(k.startswith("master.") for k in a):
+        a |= {"master." + k[len("module."):]: v for k, v in a.items() if k.startswith("module.")}
+    if not any(k.startswith("master.") for k in b):
+        a = {k: v for k, v in a.items() if not k.startswith("master.")}
+    assert set(a) == set(b)
+    assert {"step", "lr", "scheduler_epoch", "tokens_since_fired", "fire_counts", "exp_avg.sae.decoder_weight",
+            "exp_avg_sq.sae.encoder_bias"} <= set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{restored.name}: {key} differs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, (_, _, origin) in LAYOUT_RUNS.items() if origin])
+def test_checkpoints_resume_under_other_strategies_and_world_sizes(layout_runs, name):
+    strategy, nproc, (origin, step) = LAYOUT_RUNS[name]
+    old_strategy, old_nproc, _ = LAYOUT_RUNS[origin]
+    folder, source = layout_runs(name), layout_runs(origin)
+    err = (folder / "stderr.txt").read_text()
+    assert f"resuming from {folder / 'run' / 'checkpoints' / f'step_{step:08d}'} " in err
+    exact = (strategy, nproc) == (old_strategy, old_nproc)
+    if exact:
+        assert "the data stream continues where it stopped" in err and "elastic" not in err
+    else:
+        assert f"elastic resume from {old_strategy}/replicated on {old_nproc} rank(s)" in err
+        assert ("the data stream continues where it stopped" in err) == (nproc == old_nproc)
+    for sae in ("s", "abs"):  # restored exactly what the other layout held when it saved
+        _same_live_state(source / "dump" / f"saved_{step}.{sae}.safetensors",
+                         folder / "dump" / f"resumed_{step}.{sae}.safetensors")
+    summary = json.loads((folder / "dump" / "summary.json").read_text())
+    assert (summary["steps"], summary["strategy"], summary["world_size"]) == (LAYOUT_STEPS, strategy, nproc)
+    assert all(0 < m["fvu"] < 1.5 for m in summary["saes"].values())  # and trained on
+    if exact:  # bitwise the same weights and optimizer state at the end as the run it resumed
+        _same_weights(_final(source / "run"), _final(folder / "run"), ["s", "abs"])
+        for sae in ("s", "abs"):
+            _same_live_state(source / "dump" / f"saved_{LAYOUT_STEPS}.{sae}.safetensors",
+                             folder / "dump" / f"saved_{LAYOUT_STEPS}.{sae}.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero2x2", "zero3x2"])
+def test_zero_checkpoints_hold_no_pickles_and_each_rank_writes_its_partition(layout_runs, name):
+    folder = layout_runs(name)
+    path = folder / "run" / "checkpoints" / "step_00000006"
+    for f in path.iterdir():  # nothing that needs unpickling
+        assert f.is_file(), f
+        if f.suffix == ".safetensors":
+            load_file(str(f))
+        elif f.suffix == ".json":
+            json.loads(f.read_text())
+        else:
+            assert f.name == "config.yaml", f
+            yaml.safe_load(f.read_text())
+    for sae in ("s", "abs"):
+        live = load_file(str(folder / "dump" / f"saved_6.{sae}.safetensors"))  # DeepSpeed's own full view
+        metas = [json.loads((path / f"{sae}.optim.rank_{r:05d}.json").read_text()) for r in range(2)]
+        pieces = checkpoint.ZeroPieces(path, sae)
+        total = 0
+        for param in {p for m in metas for p in m["params"]}:
+            shape = metas[0]["params"].get(param, metas[1]["params"].get(param))["shape"]
+            numel = int(np.prod(shape))
+            assert sum(m["params"][param]["numel"] for m in metas if param in m["params"]) == numel
+            total += numel
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(pieces.read(param, key, 0, numel).view(shape), live[f"{key}.{param}"])
+        held = [sum(p["numel"] for p in m["params"].values()) for m in metas]
+        assert all(0 < h < total for h in held) and sum(held) == total, held  # each rank: its own part

@@ -182,6 +182,22 @@ def test_two_shards_match_single_device(grads_job, name):
     assert r0["k_loc"] == min(k, n_lat // 2)  # each shard offers at most k candidates
 
 
+@pytest.mark.parametrize("name", list(W.ROWS_CASES))
+def test_encode_rows_matches_selection_among_those_latents(grads_job, name):
+    """AuxK's path: the global top k among given latents (each shard multiplying only its own
+    rows, also when it has none or fewer than k), decoded without b_dec, equals the single
+    device's top k on the sub-matrix of those rows, codes and every gradient."""
+    (sae, x, y, w), rows, k = W.make_rows_case(name)
+    values, sub = kernels.topk_encode(x, sae.encoder_weight[rows], sae.encoder_bias[rows], sae.b_dec, k,
+                                      use_abs=sae.use_abs)
+    x_hat = sae.decode(values, rows[sub], with_bias=False)
+    W.case_loss(x_hat, values, rows[sub], y, w).backward()
+    ref = {"x_hat": x_hat.detach(), "values": values.detach(), "indices": rows[sub],
+           "grads": {n: getattr(sae, n).grad for n in PARAMS}}
+    assert_matches(grads_job[0][name], ref, name)
+    assert torch.equal(grads_job[0][name]["grads"]["b_dec"], grads_job[1][name]["grads"]["b_dec"])
+
+
 def test_one_small_collective_per_step(grads_job):
     """Training path (x without grad): forward = one all_gather of the [B, k] candidate values
     + one all_reduce of x_hat; backward = one all_reduce of b_dec's d floats. Nothing else."""

@@ -3,9 +3,9 @@ must exist anyway: params + grads + Adam's two moments = 4 x params (fp32).
 
 Each measurement runs in a fresh subprocess so that nothing left by another run (allocator
 caches, other tensors) is counted, and measures the second step (the first creates Adam's
-moments). Forward + backward and Adam.step are measured separately: PyTorch's Adam makes
-n x d-sized temporaries of its own (two per parameter in its CPU single-tensor path), which
-would otherwise hide the step's working memory.
+moments). Forward + backward and Adam.step are measured separately, with the fused Adam that
+training uses (`framework.optim.adam`; torch's default Adam would add two n x d temporaries
+per parameter at its step).
   * CUDA: torch.cuda.max_memory_allocated(), i.e. every live tensor byte at the worst moment.
   * CPU: PyTorch's CPU allocator keeps no statistics, so the process' peak resident set is
     read instead: writing 5 to /proc/self/clear_refs resets the kernel's high-water mark
@@ -33,6 +33,7 @@ import sys
 
 import torch
 
+from framework.optim import adam
 from kernels.benchmarks.common import (
     dense_step, machine_note, make_batch, make_sae, pick_device, print_table, sparse_step, zero_grads,
 )
@@ -57,14 +58,14 @@ def worker(mode: str, B: int, d: int, n: int, k: int, device_name: str) -> dict:
     # is taken after it
     tiny = make_sae(min(d, 64), 256, device)
     step(tiny, make_batch(64, min(d, 64), device), min(k, 8))
-    torch.optim.Adam(tiny.values()).step()
+    adam(list(tiny.values()), 1e-4).step()
     del tiny
     gc.collect()
     if on_cpu:
         base = _status_kib("VmRSS") * 1024
     p = make_sae(d, n, device)
     x = make_batch(B, d, device)
-    opt = torch.optim.Adam(p.values(), lr=1e-4)
+    opt = adam(list(p.values()), 1e-4)  # the training default (fused)
     zero_grads(p)
     step(p, x, k)
     opt.step()  # Adam's moments now exist

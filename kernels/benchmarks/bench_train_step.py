@@ -18,6 +18,7 @@ import argparse
 import torch
 
 import kernels
+from framework.optim import adam
 from kernels.benchmarks.common import (
     bench, dense_step, machine_note, make_batch, make_sae, pick_device, print_table, sparse_step, zero_grads,
 )
@@ -31,7 +32,7 @@ def run_shape(B, d, n, k, device, repeats, with_dense):
     x = make_batch(B, d, device)
     w = p["encoder_weight"].detach()
     out = torch.empty(B, n, device=device)
-    opt = torch.optim.Adam(p.values(), lr=1e-4)
+    opt = adam(list(p.values()), 1e-4)  # the training default (fused)
 
     def encode_only():
         with torch.no_grad():

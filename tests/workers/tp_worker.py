@@ -31,6 +31,12 @@ for _kind in ("topk", "abstopk"):
     GRAD_CASES[f"{_kind}_transcoder"] = (_kind, 10, 6, 9, 30, 7, True, None)
 GRAD_CASES["topk_train_path"] = ("topk", 16, 8, None, 66, 12, False, None)  # x without grad
 NEGATIVE_CASES = {"broken_copy": "topk_n66_k12", "broken_select": "abstopk_n66_k12"}
+# encode_rows (AuxK's selection among given latents), n=66 on 2 shards of 33: name -> (kind, rows, k)
+ROWS_CASES = {
+    "topk_rows_both_shards": ("topk", list(range(0, 66, 3)), 5),
+    "abstopk_rows_first_shard_only": ("abstopk", list(range(3, 13)), 5),  # shard 1 has none
+    "topk_rows_fewer_than_k": ("topk", [2, 40], 2),  # one row per shard: candidates padded
+}
 ADAM = {"steps": 5, "B": 24, "d": 8, "n": 66, "k": 6, "k_aux": 4, "lr": 2e-2, "clip": 0.3}
 MESH = {"dp": 2, "tp": 2, "B": 16, "d": 8, "n": 34, "k": 5}
 
@@ -53,6 +59,13 @@ def make_case(name: str):
 def case_loss(x_hat, values, indices, y, w):
     """A replicated term of x_hat plus a per-shard term of the codes (summed over shards)."""
     return normalized_mse(x_hat, y) + 0.1 * (values * w[indices]).sum()
+
+
+def make_rows_case(name: str):
+    """(case of make_case with x not requiring grad, as in training; rows; k) for encode_rows."""
+    kind, rows, k = ROWS_CASES[name]
+    sae, x, y, w, _ = make_case(f"{kind}_n66_k12")
+    return (sae, x.detach(), y, w), torch.tensor(rows), k
 
 
 def make_batches(seed: int, steps: int, B: int, d: int) -> list[torch.Tensor]:
@@ -98,10 +111,25 @@ def _run_case(tp, name, group):
             "comm": comm.ops, "k_loc": values.shape[1]}
 
 
+def _run_rows(tp, name):
+    (sae, x, y, w), rows, k = make_rows_case(name)
+    shard = tp.from_full(sae)
+    values, indices = shard.encode_rows(x, rows, k)
+    e_hat = shard.decode(values, indices, with_bias=False)
+    case_loss(e_hat, values, indices, y, w).backward()
+    v_full, i_full = _codes_full(tp, shard, values, indices)
+    grad = lambda p: p.grad if p.grad is not None else torch.zeros_like(p)  # noqa: E731  (no rows here: unused)
+    grads = {n: tp.gather_tensor(grad(getattr(shard, n)), None, shard.world)
+             for n in ("encoder_weight", "encoder_bias", "decoder_weight")}
+    grads["b_dec"] = shard.b_dec.grad.clone()
+    return {"x_hat": e_hat.detach(), "values": v_full, "indices": i_full, "grads": grads}
+
+
 def run_grads(rank, world):
     import framework.tensor_parallel as tp  # noqa: PLC0415
 
     result = {name: _run_case(tp, name, None) for name in GRAD_CASES}
+    result |= {name: _run_rows(tp, name) for name in ROWS_CASES}
 
     # export round trip: gather_full on every rank, and to dst=0 only
     sae, *_ = make_case("abstopk_transcoder")
