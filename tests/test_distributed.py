@@ -122,6 +122,22 @@ def test_two_process_training_run(tmp_path, text_dir, dist):
 
 
 @pytest.mark.slow
+def test_layer_distributed_saes_train_what_one_process_trains(tmp_path):
+    """Each owner receives every rank's rows of its site through the all-to-all, in rank order:
+    the SAEs it trains equal those one process trains on the concatenated global batches."""
+    worker = str(Path(__file__).parent / "workers" / "layer_worker.py")
+    _torchrun(2, worker, str(tmp_path), timeout=240)
+    done = subprocess.run([sys.executable, worker, str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("s0", "s1"):
+        routed = load_file(str(tmp_path / f"{name}_routed.safetensors"))
+        alone = load_file(str(tmp_path / f"{name}_alone.safetensors"))
+        print(f"layer placement {name}: max |w(2 ranks) - w(1 process)| = {_max_diff(routed, alone):.3g}")
+        for key in alone:
+            torch.testing.assert_close(routed[key], alone[key], rtol=0, atol=0, msg=f"{name}.{key}")
+
+
+@pytest.mark.slow
 def test_zero3_run_whose_ranks_hold_unequal_eval_batches(tmp_path):
     """The held-out rows form one file chunk, so rank 1 has no eval batch at all. Inference
     mode under ZeRO-3 is a collective gather: entering it per batch deadlocked here."""
