@@ -228,7 +228,8 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
     export_all(cfg, run_dir, trainers, result["stats"], tokens, write=engine.is_main or p.each_rank_writes)
     logger.close()
     metrics = _gather_dicts(result["metrics"], engine, p.each_rank_writes)
-    skipped = engine.data_reduce_(torch.tensor([llm_source.nonfinite_tokens, llm_source.outlier_tokens], device=device))
+    dropped = [llm_source.nonfinite_tokens, llm_source.outlier_tokens, getattr(llm_source, "lockstep_dropped_tokens", 0)]
+    skipped = engine.data_reduce_(torch.tensor(dropped, device=device))
     summary = {
         "tokens": tokens,
         "steps": step,
@@ -240,6 +241,7 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
         "tokens_per_s": round((tokens - logger.start_tokens) / max(train_seconds, 1e-9), 1),
         "nonfinite_tokens_skipped": int(skipped[0]),
         "outlier_tokens_dropped": int(skipped[1]),
+        "lockstep_dropped_tokens": int(skipped[2]),  # model.shard=zero3: rows cut to keep ranks aligned
         "saes": {s.name: metrics[s.name] for s in cfg.saes},
     }
     if engine.is_main:
