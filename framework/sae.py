@@ -106,6 +106,13 @@ class TopKSAE(SAEBase):
         return kernels.topk_encode(x, self.encoder_weight, self.encoder_bias, self.input_offset(), k or self.k,
                                    use_abs=self.use_abs, latent_mask=latent_mask)
 
+    def encode_rows(self, x: torch.Tensor, rows: torch.Tensor, k: int):
+        """Top k among the latents `rows` only (AuxK's dead latents): (values, latent ids).
+        Only those encoder rows are multiplied (B*d*len(rows), not another full pass)."""
+        values, sub = kernels.topk_encode(x, self.encoder_weight[rows], self.encoder_bias[rows], self.input_offset(),
+                                          k, use_abs=self.use_abs)
+        return values, rows[sub]
+
     def decode(self, values: torch.Tensor, indices: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         out = kernels.sparse_decode(values, indices, self.decoder_weight)
         return out + self.b_dec if with_bias else out

@@ -28,11 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels
 from framework import optim, tensor_parallel
 from framework.config import SAEConfig, TrainConfig
 from framework.sae import SAEBase, TopKSAE, build_sae
-from framework.tensor_parallel import LatentShardedTopK
 
 
 def centered_sum_sq(y: torch.Tensor, reduce) -> torch.Tensor:
@@ -91,12 +89,7 @@ class SAEObjective(nn.Module):
         multiplied (cost B*d*n_dead, not another full encoder pass)."""
         sae = self.sae
         k_aux = min(self.aux_k, dead_ids.numel())
-        if isinstance(sae, LatentShardedTopK):  # each shard its dead rows, selected globally
-            values, ids = sae.encode_rows(x, dead_ids, k_aux)
-        else:
-            values, sub_idx = kernels.topk_encode(x, sae.encoder_weight[dead_ids], sae.encoder_bias[dead_ids],
-                                                  sae.input_offset(), k_aux, use_abs=sae.use_abs)
-            ids = dead_ids[sub_idx]
+        values, ids = sae.encode_rows(x, dead_ids, k_aux)  # a latent shard: its dead rows, selected globally
         e_hat = sae.decode(values, ids, with_bias=False)
         scale = min(dead_ids.numel() / self.aux_k, 1.0)
         return scale * normalized_mse(e_hat, residual, self.reduce)
