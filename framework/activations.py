@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from framework import hooks, text_data
 from framework.config import ConfigError, DataConfig
+from framework.errors import DataError
 from framework.variants.gsae import GRAD_SUFFIX, grad_key, lm_site_grads
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,31 @@ log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 
 
+SKIP_REASONS = ("nonfinite", "outlier", "lockstep")  # why a row never reached an SAE
+
+
+def outlier_rows(acts: Batch, factor: float, good: torch.Tensor) -> torch.Tensor:
+    """Rows whose norm at any site exceeds `factor` x that site's median norm over the `good`
+    rows (attention sinks and other massive activations). The same rule decides which
+    positions the splice metrics replace, so every metric sees one token population."""
+    out = torch.zeros_like(good)
+    if factor <= 0 or not bool(good.any()):
+        return out
+    for k, v in acts.items():
+        if k.endswith(GRAD_SUFFIX):  # a large LM-loss gradient is no reason to drop a token
+            continue
+        norms = v.norm(dim=1)
+        out |= norms > factor * norms[good].median()
+    return out & good
+
+
 class ActivationSource(abc.ABC):
-    """Base: subclasses implement `_raw(split)`, the position methods, and set `dims` (site -> width)."""
+    """Base: subclasses implement `_raw(split)`, the position methods, and set `dims` (site -> width).
+
+    `skipped[split][reason]` counts rows (tokens) removed before any SAE saw them, with reason
+    in SKIP_REASONS. Each row is counted once: the train stream counts what it streamed (a
+    later epoch over the same files counts its rows again), and the eval counts are those of
+    the latest pass over the held-out split (every evaluation reads the same rows)."""
 
     dims: dict[str, int]
 
@@ -38,8 +62,7 @@ class ActivationSource(abc.ABC):
         self.data_cfg = data_cfg
         self.device = device
         self.rank, self.world = rank, world  # this process reads every world-th document/chunk
-        self.nonfinite_tokens = 0
-        self.outlier_tokens = 0
+        self.skipped = {split: dict.fromkeys(SKIP_REASONS, 0) for split in ("train", "eval")}
 
     @abc.abstractmethod
     def _raw(self, split: str) -> Iterator[Batch]:
@@ -53,10 +76,15 @@ class ActivationSource(abc.ABC):
     def load_position(self, position: dict) -> None:
         ...
 
+    def eval_tokens_available(self, limit: int) -> int:
+        """Held-out tokens this rank can evaluate on, counted up to `limit` (before NaN/outlier
+        filtering, which needs the activations)."""
+        return limit
+
     def state_dict(self) -> dict:
-        """JSON-able: the train stream's position and the skip counters."""
+        """JSON-able: the train stream's position and its skip counters."""
         return {"position": self.position_dict(), "rank": self.rank, "world": self.world,
-                "nonfinite_tokens": self.nonfinite_tokens, "outlier_tokens": self.outlier_tokens}
+                "skipped": dict(self.skipped["train"])}
 
     def load_state_dict(self, state: dict) -> None:
         """Before `batches("train")` is called: the train stream continues after `state`.
@@ -65,32 +93,29 @@ class ActivationSource(abc.ABC):
             raise ValueError(f"data position of rank {state['rank']}/{state['world']} loaded on rank "
                              f"{self.rank}/{self.world}")
         self.load_position(state["position"])
-        self.nonfinite_tokens, self.outlier_tokens = state["nonfinite_tokens"], state["outlier_tokens"]
+        self.skipped["train"] = {**dict.fromkeys(SKIP_REASONS, 0), **state.get("skipped", {})}
 
     def batches(self, split: str = "train") -> Iterator[Batch]:
+        if split == "eval":
+            self.skipped["eval"] = dict.fromkeys(SKIP_REASONS, 0)
         for acts in self._raw(split):
-            acts = self._clean(acts)
+            acts = self._clean(acts, self.skipped[split])
             if next(iter(acts.values())).shape[0]:
                 yield acts
 
-    def _clean(self, acts: Batch) -> Batch:
+    def _clean(self, acts: Batch, skipped: dict[str, int]) -> Batch:
         acts = {k: v.to(self.device, torch.float32, non_blocking=True) for k, v in acts.items()}
         good = torch.ones(next(iter(acts.values())).shape[0], dtype=torch.bool, device=self.device)
         for v in acts.values():
             good &= torch.isfinite(v).all(dim=1)
         n_bad = int((~good).sum())
         if n_bad:
-            self.nonfinite_tokens += n_bad
-            log.warning("skipped %d tokens with NaN/Inf activations (total %d)", n_bad, self.nonfinite_tokens)
-        factor = self.data_cfg.norm_outlier_factor
-        if factor > 0:
-            for k, v in acts.items():
-                if k.endswith(GRAD_SUFFIX):  # a large LM-loss gradient is no reason to drop a token
-                    continue
-                norms = v.norm(dim=1)
-                ok = norms <= factor * norms[good].median() if good.any() else good
-                self.outlier_tokens += int((good & ~ok).sum())
-                good &= ok
+            skipped["nonfinite"] += n_bad
+            log.warning("skipped %d tokens with NaN/Inf activations (%d so far in this pass)", n_bad,
+                        skipped["nonfinite"])
+        outliers = outlier_rows(acts, self.data_cfg.norm_outlier_factor, good)
+        skipped["outlier"] += int(outliers.sum())
+        good &= ~outliers
         return {k: v[good] for k, v in acts.items()}
 
 
@@ -126,8 +151,8 @@ class LLMSource(ActivationSource):
 
         # the model's group is every process (latent-shard groups read one stream: already equal)
         self.lockstep = zero3_engine(model) is not None and dist.is_initialized() and dist.get_world_size() > 1
-        self.lockstep_dropped_tokens = 0  # rows cut to keep ZeRO-3 ranks in lockstep
         self.specials = text_data.special_token_ids(tokenizer)
+        _check_context_size(model, data_cfg.context_size)
         self.dims = self._probe_dims()
         self.tokens_seen = 0
         self.position = text_data.TextPosition()  # of the train stream
@@ -165,11 +190,11 @@ class LLMSource(ActivationSource):
                                           position)
         return _lockstep_sequences(seqs, self.device) if self.lockstep else seqs
 
-    def _clean(self, acts: Batch) -> Batch:
-        acts = super()._clean(acts)
-        return self._level(acts) if self.lockstep else acts
+    def _clean(self, acts: Batch, skipped: dict[str, int]) -> Batch:
+        acts = super()._clean(acts, skipped)
+        return self._level(acts, skipped) if self.lockstep else acts
 
-    def _level(self, acts: Batch) -> Batch:
+    def _level(self, acts: Batch, skipped: dict[str, int]) -> Batch:
         """Cut to the smallest row count of all ranks, dropping evenly spread rows (not the
         last positions)."""
         rows = next(iter(acts.values())).shape[0]
@@ -178,9 +203,34 @@ class LLMSource(ActivationSource):
         keep = int(least)
         if keep == rows:
             return acts
-        self.lockstep_dropped_tokens += rows - keep
+        skipped["lockstep"] += rows - keep
         idx = torch.arange(keep, device=self.device) * rows // keep
         return {k: v[idx] for k, v in acts.items()}
+
+    @torch.no_grad()
+    def sae_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] bool: the positions of a token batch whose activations reach the SAEs
+        (not special, finite, not a norm outlier: the rule of `batches`). Eval splicing
+        replaces exactly these, so ΔCE/KL and FVU/L0 are measured on one token population."""
+        keep = text_data.keep_mask(ids, self.specials, self.data_cfg.exclude_special_tokens).to(self.model_device)
+        acts = {k: v[keep].float() for k, v in self.capture(ids).items()}
+        good = torch.ones(int(keep.sum()), dtype=torch.bool, device=keep.device)
+        for v in acts.values():
+            good &= torch.isfinite(v).all(dim=1)
+        good &= ~outlier_rows(acts, self.data_cfg.norm_outlier_factor, good)
+        out = torch.zeros_like(keep)
+        out[keep] = good
+        return out
+
+    def eval_tokens_available(self, limit: int) -> int:
+        """Tokenises (no LLM forward) this rank's held-out sequences until `limit` SAE positions."""
+        count = 0
+        seqs = text_data.sequence_batches(self.data_cfg, self.tokenizer, "eval", self.seed, self.rank, self.world)
+        for ids in seqs:
+            count += int(text_data.keep_mask(ids, self.specials, self.data_cfg.exclude_special_tokens).sum())
+            if count >= limit:
+                break
+        return count
 
     def position_dict(self) -> dict:
         return {"kind": "text", **self.position.state_dict(), "tokens_seen": self.tokens_seen}
@@ -197,6 +247,14 @@ class LLMSource(ActivationSource):
             acts = self.capture_with_grads(ids, keep) if with_grads else self.capture(ids)
             self.tokens_seen += ids.numel()
             yield {k: v[keep] for k, v in acts.items()}
+
+
+def _check_context_size(model, context_size: int) -> None:
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and context_size > limit:
+        raise ConfigError(f"data.context_size={context_size} is longer than the model's {limit} positions "
+                          f"({getattr(config, 'model_type', 'model')} max_position_embeddings); use at most {limit}")
 
 
 def _lockstep_sequences(seqs: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
@@ -217,18 +275,12 @@ FILE_READ_ROWS = 4096  # rows per read from a memory-mapped shard
 
 
 class _Shard:
-    """A memory-mapped activation shard: site -> array-like [N, d] read lazily."""
+    """A memory-mapped activation shard: site -> array-like [N, d] read lazily. Nothing in it
+    is ever unpickled: .npy object arrays are refused, safetensors hold plain tensors."""
 
     def __init__(self, path: Path):
         self.path = path
-        if path.suffix == ".npy":
-            arr = np.load(path, mmap_mode="r")
-            self.tensors = {"activations": arr}
-        else:
-            from safetensors import safe_open  # noqa: PLC0415
-
-            self._handle = safe_open(str(path), framework="pt")
-            self.tensors = {k: self._handle.get_slice(k) for k in self._handle.keys()}
+        self.tensors = {"activations": _open_npy(path)} if path.suffix == ".npy" else _open_safetensors(path)
         for name, t in self.tensors.items():
             shape = self._shape(t)
             if len(shape) != 2:
@@ -248,6 +300,37 @@ class _Shard:
     def read(self, start: int, stop: int) -> Batch:
         return {k: torch.from_numpy(np.array(t[start:stop])) if isinstance(t, np.ndarray) else t[start:stop]
                 for k, t in self.tensors.items()}
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    """A float .npy array, memory-mapped; anything else (text, object arrays, a truncated file)
+    is a DataError naming the file (allow_pickle stays False: nothing is unpickled)."""
+    def refuse(why: str):
+        return DataError(f"activation shard '{path}': {why}; shards must be float arrays saved with numpy.save "
+                         "or safetensors")
+
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise refuse("not a .npy file (no NUMPY header)")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        holds_objects = "object" in str(err) or "pickle" in str(err)
+        raise refuse("it holds Python objects, which are never loaded" if holds_objects
+                     else "truncated or damaged") from None
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise refuse(f"it holds dtype {arr.dtype}")
+    return arr
+
+
+def _open_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+        return {k: handle.get_slice(k) for k in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise DataError(f"activation shard '{path}': not a readable safetensors file ({err})") from None
 
 
 class FileSource(ActivationSource):
@@ -273,6 +356,9 @@ class FileSource(ActivationSource):
         self.seed = seed
         self.train_ranges, self.eval_ranges = self._split(eval_rows)
         self.position = {"epoch": 0, "index": 0}  # train stream: epoch, next global chunk index
+
+    def eval_tokens_available(self, limit: int) -> int:
+        return min(limit, sum(e - s for _, s, e in self._chunks(self.eval_ranges, None)[self.rank::self.world]))
 
     def position_dict(self) -> dict:
         return {"kind": "files", **self.position}

@@ -8,13 +8,13 @@ Layout of RUN_DIR/checkpoints/:
       config.yaml             the resolved run config
       <sae>.safetensors       gathered full weights `sae.*` (normalisation constants included), the
                               dead-latent counters and fire counts (+ `eval.*`: schedule-free eval weights)
-      <sae>.optim.pt          ddp: optimizer + scheduler state dicts and the parameter names
-                              (torch.load weights_only)
-      <sae>.optim.json        zero1/2/3: world size, param-group hyperparameters (lr...), scheduler state
+      <sae>.optim.json        param-group hyperparameters (lr...), scheduler state, number of pieces
       <sae>.optim.rank_00000.safetensors / .json
-                              zero1/2/3, per rank: its own pieces of each parameter's flattened fp32
-                              master weights and Adam moments (`<param>.master|exp_avg|exp_avg_sq`), and
-                              per parameter its full shape, step count and which elements the piece holds
+                              pieces of each parameter's flattened optimizer state (Adam moments; ZeRO's
+                              fp32 master weights), with per parameter its full shape, step count and
+                              which elements the piece holds: zero1/2/3 write one piece per rank (its
+                              partition), a torch optimizer one piece of whole tensors
+                              (framework/optimizer_state.py)
       rank_00000.safetensors  per rank: mixing buffer (rows + generator), torch/numpy RNG, metric sums
       rank_00000.json         per rank: data position, python RNG, skip counters
     latest                    name of the newest published checkpoint
@@ -31,8 +31,7 @@ right size and sha256) and falls back to older ones, saying why. Config changes 
 make the saved state meaningless (data, batch/buffer sizes, seed, SAE shapes) are refused;
 others (e.g. a longer token budget) are reported and applied.
 
-Nothing is ever unpickled: tensors are safetensors, the rest JSON/YAML, and ddp's torch state
-dicts are read with torch.load(weights_only=True) (tensors and plain containers only). ZeRO state
+Nothing is ever unpickled: tensors are safetensors, the rest JSON/YAML. ZeRO state
 is read from DeepSpeed's partitions and written back into them directly (ZeroRunner.
 optimizer_partition / load_optimizer_partition), never through DeepSpeed's own pickled
 checkpoints; on load a ZeRO rank reads just the slices of the saved pieces it now holds.
@@ -50,7 +49,8 @@ Supported transitions (`compatibility`):
                                                (nothing repeats, a few may be skipped); mixing
                                                buffers and packer leftovers start empty
   zero* with placement layer                   refused (config validation rejects it too)
-  format 2 (older versions) with zero*         refused: DeepSpeed pickles; ddp format 2 resumes as ddp
+  format 2, or format 3 with ddp (older        refused without being opened: they hold pickles
+  versions)                                    (DeepSpeed's checkpoints, torch.save optimizer files)
 `sparsemill export` works from any checkpoint: its `<sae>.safetensors` hold full tensors.
 
 Test hook: SPARSEMILL_SAVE_DELAY=<seconds> sleeps after each file this module writes, so a
@@ -60,11 +60,8 @@ kill can be made to land in the middle of a save.
 from __future__ import annotations
 
 import datetime
-import hashlib
-import io
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -76,15 +73,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file, save
+
+from framework import durable, optimizer_state
+from framework.errors import CheckpointError
 
 log = logging.getLogger("sparsemill")
 
 LATEST, MANIFEST, STATE, CONFIG = "latest", "manifest.json", "state.json", "config.yaml"
-FORMAT = 3  # 2: ZeRO optimizer state in DeepSpeed's own (pickled) checkpoint folders
-DDP_OPTIM, ZERO_OPTIM = "optim.pt", "optim.json"  # per SAE: `<sae>.optim.pt` (ddp), `<sae>.optim.json` (zero)
-SAVE_DELAY_ENV = "SPARSEMILL_SAVE_DELAY"
+# 4: every optimizer in safetensors + JSON. 3: a ddp optimizer in a torch.save archive (`<sae>.optim.pt`);
+# 2: ZeRO optimizer state in DeepSpeed's own (pickled) checkpoint folders.
+FORMAT = 4
+SAVE_DELAY_ENV = durable.SAVE_DELAY_ENV
 
 # Config keys whose change makes the saved state meaningless (data order, shapes, optimizer).
 MUST_MATCH = ["model.name", "data.source", "data.paths", "data.text_field", "data.tokens_field", "data.split",
@@ -94,46 +94,11 @@ MUST_MATCH = ["model.name", "data.source", "data.paths", "data.text_field", "dat
 SAE_MUST_MATCH = ["name", "site", "output_site", "kind", "n_latents", "options"]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, or cannot be resumed from."""
-
-
 class InvalidCheckpoint(CheckpointError):
     """A checkpoint folder failed its manifest check."""
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Every file this module writes goes through here: written, flushed and fsynced."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    delay = float(os.environ.get(SAVE_DELAY_ENV) or 0)
-    if delay:
-        time.sleep(delay)
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_file(path, json.dumps(obj, indent=2).encode())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _hash_file(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def step_of(path: Path) -> int:
@@ -165,7 +130,7 @@ def verify(path: Path) -> dict:
         if size != expected["size"]:
             what = "truncated" if size < expected["size"] else "the wrong size"
             raise InvalidCheckpoint(f"{path.name}: file {rel} is {what} ({size} bytes, manifest says {expected['size']})")
-        if _hash_file(f)["sha256"] != expected["sha256"]:
+        if durable.hash_file(f)["sha256"] != expected["sha256"]:
             raise InvalidCheckpoint(f"{path.name}: file {rel} fails its sha256 check (corrupted)")
     return manifest
 
@@ -237,24 +202,18 @@ def _trainer_tensors(tr) -> dict[str, torch.Tensor]:
 def _load_trainer(path: Path, name: str, tr, step_count: int) -> None:
     tensors = load_file(str(path / f"{name}.safetensors"))
     sae_state = {k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")}
-    zero_saved = (path / f"{name}.{ZERO_OPTIM}").is_file()
+    saved = optimizer_state.SavedOptimizer(path, name, tensors)  # module weights keyed `sae.<name>`, as the optimizer sees them
     if _is_zero(tr):
         # The module weights and the fp32 master weights may differ (changes made under
         # GatheredParameters, like the decoder renorm, reach only the module): both are put back.
         with tr.stepper.gathered(modify=True), torch.no_grad():
             for key, value in tr.sae.state_dict(keep_vars=True).items():
                 value.copy_(sae_state[key])
-        source = ZeroPieces(path, name) if zero_saved else TorchPieces(path, name, tensors, step_count)
-        tr.stepper.load_optimizer_partition(source)
-        _apply_settings(tr.stepper, source.settings)
+        tr.stepper.load_optimizer_partition(saved)
     else:
         tr.load_state_tensors(sae_state)  # latent shards: each takes its rows
-        if zero_saved:
-            source = ZeroPieces(path, name)
-            tr.load_optimizer_state({"optimizer": _torch_optimizer_state(source, tr.stepper)})
-            _apply_settings(tr.stepper, source.settings)
-        else:
-            tr.load_optimizer_state(torch.load(path / f"{name}.{DDP_OPTIM}", weights_only=True))
+        tr.load_optimizer_state({"optimizer": saved.torch_state(tr.stepper)})
+    optimizer_state.apply_settings(tr.stepper, saved.settings)
     tr.tokens_since_fired.copy_(tensors["tokens_since_fired"])
     tr.fire_counts.copy_(tensors["fire_counts"])
     tr.step_count = int(step_count)
@@ -263,123 +222,9 @@ def _load_trainer(path: Path, name: str, tr, step_count: int) -> None:
 # --------------------------------------------------------------------------- optimizer state
 
 
-def _param_names(runner) -> list[str]:
-    """The runner's parameter names in its optimizer's order (the order of torch state dicts)."""
-    names = {id(p): n for n, p in runner.module.named_parameters()}
-    return [names[id(p)] for group in runner.optimizer.param_groups for p in group["params"]]
-
-
-def _optimizer_settings(runner) -> dict:
-    """What every rank's optimizer shares, as JSON: param-group hyperparameters (lr included)
-    and the scheduler's state."""
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"}
-              for g in runner.optimizer.param_groups]
-    return {"param_groups": groups, "scheduler": runner.scheduler.state_dict() if runner.scheduler else None}
-
-
-def _apply_settings(runner, settings: dict) -> None:
-    groups = runner.optimizer.param_groups
-    if len(groups) != len(settings["param_groups"]):
-        raise CheckpointError(f"the checkpoint's optimizer has {len(settings['param_groups'])} parameter groups, "
-                              f"this one {len(groups)}")
-    for group, saved in zip(groups, settings["param_groups"]):
-        group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
-    if runner.scheduler is not None and settings["scheduler"] is not None:
-        runner.scheduler.load_state_dict(settings["scheduler"])
-
-
-class ZeroPieces:
-    """A ZeRO checkpoint's optimizer state of one SAE, read as ranges of each parameter's
-    flattened full tensors whatever world size or stage wrote it: every rank wrote its own
-    pieces (`<sae>.optim.rank_R.safetensors` + `.json`), and a reader takes just the slices
-    it needs from each file."""
-
-    def __init__(self, path: Path, name: str):
-        self.settings = json.loads((path / f"{name}.{ZERO_OPTIM}").read_text())
-        self.files, self.params = [], {}
-        for rank in range(self.settings["world"]):
-            base = f"{name}.optim.{_rank_name(rank)}"
-            meta = json.loads((path / f"{base}.json").read_text())
-            self.files.append(path / f"{base}.safetensors")
-            for param, p in meta["params"].items():
-                entry = self.params.setdefault(param, {**p, "pieces": []})
-                entry["pieces"].append((rank, p["start"], p["numel"]))
-            if rank == 0:
-                self.counters = {k: meta[k] for k in ("global_steps", "skipped_steps")}
-
-    def _param(self, name: str) -> dict:
-        if name not in self.params:
-            raise CheckpointError(f"the checkpoint has no optimizer state for parameter {name} "
-                                  f"(it has {sorted(self.params)})")
-        return self.params[name]
-
-    def shape(self, name: str) -> list[int]:
-        return self._param(name)["shape"]
-
-    def step(self, name: str) -> float | None:
-        return self._param(name)["step"]
-
-    def keys(self, name: str) -> list[str]:
-        return self._param(name)["keys"]
-
-    def read(self, name: str, key: str, start: int, numel: int) -> torch.Tensor:
-        out, filled = torch.empty(numel), 0
-        for rank, first, count in self._param(name)["pieces"]:
-            lo, hi = max(start, first), min(start + numel, first + count)
-            if lo < hi:
-                with safe_open(str(self.files[rank]), framework="pt") as f:
-                    out[lo - start:hi - start] = f.get_slice(f"{name}.{key}")[lo - first:hi - first]
-                filled += hi - lo
-        if filled != numel:
-            raise CheckpointError(f"{name}.{key}: the saved pieces cover {filled} of elements {start}..{start + numel}")
-        return out
-
-
-class TorchPieces:
-    """A ddp checkpoint's optimizer state of one SAE, seen like ZeroPieces: its torch state
-    dict (exp_avg, exp_avg_sq, step per parameter) with the module weights as master weights."""
-
-    def __init__(self, path: Path, name: str, tensors: dict, step_count: int):
-        saved = torch.load(path / f"{name}.{DDP_OPTIM}", weights_only=True)
-        optimizer = saved["optimizer"]
-        self.settings = {"param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                          for g in optimizer["param_groups"]], "scheduler": saved.get("scheduler")}
-        self.counters = {"global_steps": step_count, "skipped_steps": 0}
-        self.full = {}
-        for i, param in enumerate(saved["param_names"]):
-            state = optimizer["state"].get(i, {})
-            self.full[param] = {"master": tensors[param], "step": float(state["step"]) if "step" in state else None,
-                                **{k: v for k, v in state.items() if k != "step"}}
-
-    def shape(self, name: str) -> list[int]:
-        return list(self.full[name]["master"].shape)
-
-    def step(self, name: str) -> float | None:
-        return self.full[name]["step"]
-
-    def keys(self, name: str) -> list[str]:
-        return sorted(k for k in self.full[name] if k not in ("master", "step"))
-
-    def read(self, name: str, key: str, start: int, numel: int) -> torch.Tensor:
-        return self.full[name][key].reshape(-1)[start:start + numel].float()
-
-
-def _torch_optimizer_state(source: ZeroPieces, runner) -> dict:
-    """A torch optimizer state dict for `runner` (ddp) from a ZeRO checkpoint's pieces; its
-    hyperparameters and schedule are set afterwards (_apply_settings)."""
-    state = {}
-    for i, name in enumerate(_param_names(runner)):
-        step = source.step(name)
-        if step is not None:
-            shape, numel = source.shape(name), math.prod(source.shape(name))
-            state[i] = {"step": torch.tensor(step, dtype=torch.float32),
-                        **{k: source.read(name, k, 0, numel).view(shape) for k in source.keys(name)}}
-    return {"state": state, "param_groups": runner.optimizer.state_dict()["param_groups"]}
-
-
 def load_checkpoint(path: Path, trainers: dict) -> dict:
     """Weights, optimizer and counters into trainers (of any strategy); returns state.json."""
-    _check_format(verify(path), "zero" if any(_is_zero(tr) for tr in trainers.values()) else "ddp")
+    _check_format(verify(path))
     state = read_state(path)
     for name, tr in trainers.items():
         _load_trainer(path, name, tr, state["saes"][name])
@@ -443,21 +288,20 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     return blocking, harmless
 
 
-def _check_format(manifest: dict, strategy: str) -> None:
+def _check_format(manifest: dict) -> None:
+    """Format 4, or a format-3 ZeRO checkpoint (the same layout); anything with a pickle in it
+    is refused without being opened."""
     fmt = manifest.get("format")
-    if fmt == FORMAT or (fmt == 2 and manifest["strategy"] == strategy == "ddp"):  # ddp files are unchanged
+    if fmt == FORMAT or (fmt == 3 and manifest["strategy"] != "ddp"):
         return
     where = f"checkpoint {manifest.get('name', '')} (format {fmt}, {manifest['strategy']})"
-    if fmt == 2 and manifest["strategy"] != "ddp":
-        why = ("its ZeRO optimizer state is a DeepSpeed checkpoint made of pickles, which this version never "
-               "unpickles")
-    elif fmt == 2:
-        why = f"its optimizer state lacks the parameter names needed to convert it to {strategy}"
+    if fmt in (2, 3):
+        what = "DeepSpeed checkpoint" if manifest["strategy"] != "ddp" else "optimizer file (<sae>.optim.pt)"
+        why = f"its {what} is a pickle, which this version never opens"
     else:
         why = f"this version reads format {FORMAT}"
-    raise CheckpointError(f"{where} cannot resume: {why}. Resume it with the sparsemill version that wrote it"
-                          f"{' or with dist.strategy=ddp' if manifest['strategy'] == 'ddp' else ''}, or start "
-                          "fresh with --no-resume (`sparsemill export` still reads its weights).")
+    raise CheckpointError(f"{where} cannot resume: {why}. Resume it with the sparsemill version that wrote it, or "
+                          "start fresh with --no-resume (`sparsemill export` still reads its weights).")
 
 
 def compatibility(manifest: dict, world: int, strategy: str, placement: str) -> str:
@@ -469,7 +313,7 @@ def compatibility(manifest: dict, world: int, strategy: str, placement: str) -> 
     another format and for layouts that cannot exist (ZeRO shards an SAE over the ranks that
     train it; layer placement trains each SAE whole on one rank)."""
     old = (manifest["world_size"], manifest["strategy"], manifest["sae_placement"])
-    _check_format(manifest, strategy)
+    _check_format(manifest)
     for s, p in (old[1:], (strategy, placement)):
         if s.startswith("zero") and p == "layer":
             raise CheckpointError(f"checkpoint written by {old[1]}/{old[2]} on {old[0]} rank(s) cannot resume as "
@@ -539,32 +383,37 @@ class CheckpointManager:
                 failure.append(str(err))
         self._agree(failure, name, tmp)
 
-        steps = {n: tr.step_count for n, tr in self.trainers.items()}
-        steps = {k: v for part in self._gather(steps) for k, v in part.items()} if self.each_rank_writes else steps
-
         def attempt(fn) -> None:
+            """Any failure (a full disk, or a bug) is recorded, never raised here: every rank
+            must reach the agreement step, or the others would wait there forever."""
             if not failure:
                 try:
                     fn()
-                except OSError as err:
-                    failure.append(f"{err}")
+                except Exception as err:  # noqa: BLE001
+                    failure.append(f"{err}" if isinstance(err, OSError) else f"{type(err).__name__}: {err}")
+
+        steps = {n: tr.step_count for n, tr in self.trainers.items()}
+        steps = {k: v for part in self._gather(steps) for k, v in part.items()} if self.each_rank_writes else steps
 
         for n, tr in self.trainers.items():
             if _is_zero(tr):  # every rank writes its own pieces of the optimizer state
                 part, meta = tr.stepper.optimizer_partition()
-                base = f"{n}.optim.{_rank_name(self.engine.rank)}"
-                attempt(lambda: _write_file(tmp / f"{base}.safetensors", save(part)))
-                attempt(lambda: _write_json(tmp / f"{base}.json", meta))
+                base = optimizer_state.piece_base(n, self.engine.rank)
+                attempt(lambda: durable.write_file(tmp / f"{base}.safetensors", save(part)))
+                attempt(lambda: durable.write_json(tmp / f"{base}.json", meta))
             tensors = _trainer_tensors(tr)  # collective under ZeRO-3 and with latent shards
             torch_optim = None if _is_zero(tr) else tr.optimizer_state()  # collective with latent shards
             if self.writes:
-                attempt(lambda: _write_file(tmp / f"{n}.safetensors", save(tensors)))
-                if _is_zero(tr):
-                    settings = {"world": self.engine.world, **_optimizer_settings(tr.stepper)}
-                    attempt(lambda: _write_json(tmp / f"{n}.{ZERO_OPTIM}", settings))
-                else:
-                    optim = {**torch_optim, "param_names": _param_names(tr.stepper)}
-                    attempt(lambda: _write_file(tmp / f"{n}.{DDP_OPTIM}", _torch_bytes(optim)))
+                attempt(lambda: durable.write_file(tmp / f"{n}.safetensors", save(tensors)))
+                pieces = self.engine.world if _is_zero(tr) else 1
+                attempt(lambda: durable.write_json(tmp / f"{n}.{optimizer_state.SETTINGS_SUFFIX}",
+                                            optimizer_state.settings(tr.stepper, pieces)))
+                if torch_optim is not None:  # a torch optimizer: one piece holding each tensor whole
+                    part, meta = optimizer_state.torch_pieces(torch_optim["optimizer"],
+                                                              optimizer_state.param_names(tr.stepper), tr.step_count)
+                    base = optimizer_state.piece_base(n, 0)
+                    attempt(lambda: durable.write_file(tmp / f"{base}.safetensors", save(part)))
+                    attempt(lambda: durable.write_json(tmp / f"{base}.json", meta))
         attempt(lambda: self._write_rank_files(tmp))
         self._agree(failure, name, tmp)
 
@@ -585,18 +434,18 @@ class CheckpointManager:
         meta = {"rank": self.engine.rank, "world": self.engine.world, "source": self.source.state_dict(),
                 "rng": rng_meta, "sum_steps": sum_steps}
         base = _rank_name(self.engine.rank)
-        _write_file(tmp / f"{base}.safetensors", save(tensors))
-        _write_json(tmp / f"{base}.json", meta)
+        durable.write_file(tmp / f"{base}.safetensors", save(tensors))
+        durable.write_json(tmp / f"{base}.json", meta)
 
     def _publish(self, tmp: Path, final: Path, step: int, tokens: int, steps: dict, extra: dict) -> None:
         cfg, engine = self.cfg, self.engine
         state = {"step": step, "tokens": tokens, "world_size": engine.world, "saes": steps, **extra}
-        _write_json(tmp / STATE, state)
-        _write_file(tmp / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        durable.write_json(tmp / STATE, state)
+        durable.write_file(tmp / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
         files = {}
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
-                files[f.relative_to(tmp).as_posix()] = _hash_file(f)
+                files[f.relative_to(tmp).as_posix()] = durable.hash_file(f)
         from framework.routing import assign_owners  # noqa: PLC0415
 
         names = [s.name for s in cfg.saes]
@@ -607,21 +456,9 @@ class CheckpointManager:
                     "world_size": engine.world, "strategy": cfg.dist.strategy,
                     "sae_placement": cfg.dist.sae_placement if engine.world > 1 else "replicated",
                     "owners": owners, "files": files}
-        _write_json(tmp / MANIFEST, manifest)
-        for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            _fsync_dir(d)
-        _fsync_dir(tmp)
-        trash = self.root / f".trash_{final.name}"
-        if final.exists():  # re-saving a step (after a fallback): the old folder goes only after the rename
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-        os.replace(tmp, final)
-        _fsync_dir(self.root)
-        pointer = self.root / (LATEST + ".tmp")
-        _write_file(pointer, final.name.encode())
-        os.replace(pointer, self.root / LATEST)
-        _fsync_dir(self.root)
-        shutil.rmtree(trash, ignore_errors=True)
+        durable.write_json(tmp / MANIFEST, manifest)
+        durable.publish_folder(tmp, final)  # re-saving a step (after a fallback) replaces it only now
+        _write_pointer(self.root, final.name)
         self._prune(step)
 
     def _prune(self, newest: int) -> None:
@@ -678,6 +515,7 @@ class CheckpointManager:
     def _choose(self):
         """Rank 0: {"name", "mode", "layout", "same_ranks"}, None (nothing to resume) or an error message."""
         found = newest_valid(self.root, lambda err: log.warning("checkpoint %s; falling back to an older one", err))
+        self._repair_latest(found[0] if found else None)
         if found is None:
             return None
         path, manifest = found
@@ -697,6 +535,21 @@ class CheckpointManager:
         layout = f"{manifest['strategy']}/{manifest['sae_placement']} on {manifest['world_size']} rank(s)"
         same_ranks = (manifest["world_size"], manifest["sae_placement"]) == (self.engine.world, placement)
         return {"name": path.name, "mode": mode, "layout": layout, "same_ranks": same_ranks}
+
+    def _repair_latest(self, chosen: Path | None) -> None:
+        """`latest` must name the checkpoint a resume uses; a stale or dangling pointer (its
+        folder deleted, or invalid) is said and rewritten."""
+        named = latest_name(self.root)
+        if named is None or (chosen is not None and named == chosen.name):
+            return
+        target = chosen.name if chosen is not None else None
+        log.warning("checkpoints/%s names '%s', which %s; %s", LATEST, named,
+                    "does not exist" if not (self.root / named).is_dir() else "is not the newest valid checkpoint",
+                    f"repointing it to {target}" if target else "removing it (no valid checkpoint is left)")
+        if target is None:
+            (self.root / LATEST).unlink()
+            return
+        _write_pointer(self.root, target)
 
     def _set_aside(self) -> None:
         old = [p for p in self.root.glob("step_*") if p.is_dir()] if self.root.is_dir() else []
@@ -730,17 +583,20 @@ class CheckpointManager:
             old = [json.loads((path / f"{_rank_name(r)}.json").read_text()) for r in range(state["world_size"])]
             self.source.load_position(merge_positions([m["source"]["position"] for m in old]))
             if rank == 0:  # the skip counters are summed over ranks at the end: keep their total once
-                self.source.nonfinite_tokens = sum(m["source"]["nonfinite_tokens"] for m in old)
-                self.source.outlier_tokens = sum(m["source"]["outlier_tokens"] for m in old)
+                for m in old:
+                    for reason, count in m["source"].get("skipped", {}).items():
+                        self.source.skipped["train"][reason] += count
             meta = old[rank % len(old)]
             tensors = load_file(str(path / f"{_rank_name(meta['rank'])}.safetensors"))
         _set_rng_state(meta["rng"], tensors)
 
 
-def _torch_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+def _write_pointer(root: Path, name: str) -> None:
+    """Atomically point `latest` at checkpoint `name`."""
+    pointer = root / (LATEST + ".tmp")
+    durable.write_file(pointer, name.encode())
+    os.replace(pointer, root / LATEST)
+    durable.fsync_dir(root)
 
 
 def latest_name(root: Path) -> str | None:
@@ -751,13 +607,16 @@ def latest_name(root: Path) -> str | None:
 # --------------------------------------------------------------------------- export and inspect
 
 
-def export_metadata(cfg, sae_cfg, tokens: int) -> dict:
+def export_metadata(cfg, sae_cfg, tokens: int, sites: tuple[str, str] | None = None) -> dict:
+    """SAELens metadata; `sites` are the (input, output) keys the SAE trained on (an activation
+    file's single tensor when saes.N.site was left empty)."""
     from framework import hooks  # noqa: PLC0415
 
+    site, output_site = sites or (sae_cfg.site, sae_cfg.output_site or sae_cfg.site)
     return {
         "model_name": cfg.model.name if cfg.data.source == "text" else "",
-        "hook_name": hooks.parse_site(sae_cfg.site).tl_name if sae_cfg.site else "",
-        "hook_name_out": hooks.parse_site(sae_cfg.output_site).tl_name if sae_cfg.output_site else None,
+        "hook_name": hooks.hook_name(site) if site else "",
+        "hook_name_out": hooks.hook_name(output_site) if output_site and output_site != site else None,
         "context_size": cfg.data.context_size,
         "prepend_bos": cfg.data.prepend_bos,
         "dataset_path": ",".join(cfg.data.paths) or cfg.data.activations_dir,
@@ -765,8 +624,16 @@ def export_metadata(cfg, sae_cfg, tokens: int) -> dict:
     }
 
 
+def _existing_run_dir(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory '{run_dir}' does not exist" if not run_dir.exists()
+                              else f"'{run_dir}' is not a run directory (not a folder)")
+    return run_dir
+
+
 def _resolve(run_dir: Path, name: str | None) -> tuple[Path, dict]:
-    root = Path(run_dir) / "checkpoints"
+    root = _existing_run_dir(run_dir) / "checkpoints"
     if name:
         path = root / name if (root / name).is_dir() else Path(name)
         if not path.is_dir():
@@ -805,7 +672,7 @@ def export_checkpoint(run_dir: Path, name: str | None = None, out: Path | None =
 
 def inspect_run(run_dir: Path) -> list[dict]:
     """One row per checkpoint folder: name, step, tokens, validity, layout, eval metrics."""
-    run_dir = Path(run_dir)
+    run_dir = _existing_run_dir(run_dir)
     root = run_dir / "checkpoints"
     latest = latest_name(root)
     summary_path = run_dir / "summary.json"

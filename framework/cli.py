@@ -10,7 +10,10 @@ import os
 import sys
 import typing
 
-from framework.config import ConfigError, RunConfig, load_config
+from framework.config import RunConfig, load_config
+from framework.errors import UserError
+
+DEBUG_ENV = "SPARSEMILL_DEBUG"  # =1: tracebacks for user errors too
 
 TRAIN_EPILOG = """\
 Overrides use dotted keys into the YAML (values are parsed as YAML):
@@ -42,12 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Train TopK sparse autoencoders and transcoders on activations of a frozen language model.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help=f"show the traceback of every error (or {DEBUG_ENV}=1)")
     p_train = sub.add_parser(
         "train", help="train the SAEs a YAML config describes",
         description="Train one or several SAEs from one activation stream; writes checkpoints, SAELens exports, "
                     "TensorBoard logs, eval.json and summary.json into run_dir.",
         epilog=TRAIN_EPILOG + "\n".join(_describe(RunConfig)),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common],
     )
     p_train.add_argument("config", help="YAML config file (see configs/)")
     p_train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. saes.0.k=64")
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="start fresh even if run_dir holds a checkpoint (default: resume exactly from the newest "
                               "valid one; the earlier checkpoints are then moved to run_dir/checkpoints.previous-*)")
     p_export = sub.add_parser(
-        "export", help="write SAELens folders from a checkpoint",
+        "export", help="write SAELens folders from a checkpoint", parents=[common],
         description="Consolidate a checkpoint (any strategy, placement or world size) into one SAELens-format folder "
                     "per SAE (cfg.json + sae_weights.safetensors, normalisation folded into the weights). The "
                     "checkpoint is verified against its manifest first.")
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("--checkpoint", help="checkpoint name, e.g. step_00001000 (default: the newest valid one)")
     p_export.add_argument("--out", help="output folder (default: RUN_DIR/export/<checkpoint name>)")
     p_inspect = sub.add_parser(
-        "inspect", help="list a run's checkpoints",
+        "inspect", help="list a run's checkpoints", parents=[common],
         description="List the checkpoints of a run: step, tokens, validity (every file checked against the "
                     "manifest's size and sha256), the layout that wrote them, and eval metrics when present.")
     p_inspect.add_argument("run_dir", help="run directory (holds checkpoints/)")
@@ -74,33 +79,31 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown or (extra and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
-    if args.command in ("export", "inspect"):
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return _checkpoint_command(args)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet or args.command != "train" else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    command = _train_command if args.command == "train" else _checkpoint_command
+    try:
+        return command(args, extra)
+    except UserError as err:
+        if args.debug or os.environ.get(DEBUG_ENV) == "1":
+            raise
+        print(f"{err.label}: {err}", file=sys.stderr)
+        return err.exit_code
 
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+def _train_command(args, extra: list[str]) -> int:
     overrides = list(args.overrides) + extra + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     if args.quiet:
         overrides.append("log.progress=false")
     if args.no_resume:
         overrides.append("train.resume=false")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    from framework.checkpoint import CheckpointError  # noqa: PLC0415
+    cfg = load_config(args.config, overrides)
     from framework.preemption import PREEMPTED_EXIT_CODE, Preempted  # noqa: PLC0415
     from framework.train import format_summary, train  # noqa: PLC0415  (heavy imports after validation)
 
     try:
         summary = train(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return 1
     except Preempted as stop:
         print(f"preempted: {stop}; rerun the same command to resume (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
@@ -110,21 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _checkpoint_command(args) -> int:
+def _checkpoint_command(args, extra: list[str]) -> int:
     import json  # noqa: PLC0415
 
     from framework import checkpoint  # noqa: PLC0415
 
-    try:
-        if args.command == "inspect":
-            rows = checkpoint.inspect_run(args.run_dir)
-            print(json.dumps(rows, indent=2) if args.json else checkpoint.format_inspection(args.run_dir, rows))
-            return 0 if rows else 1
-        folders = checkpoint.export_checkpoint(args.run_dir, args.checkpoint, args.out)
-    except checkpoint.CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return 1
-    for folder in folders:
+    if args.command == "inspect":
+        rows = checkpoint.inspect_run(args.run_dir)
+        print(json.dumps(rows, indent=2) if args.json else checkpoint.format_inspection(args.run_dir, rows))
+        return 0 if rows else 1
+    for folder in checkpoint.export_checkpoint(args.run_dir, args.checkpoint, args.out):
         print(f"exported {folder}")
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key."""
+from framework.errors import ConfigError  # noqa: F401  (re-exported: raised by every module)
 
 
 @dataclass
@@ -191,24 +190,38 @@ def _build(cls, data: dict, prefix: str = ""):
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """tree[a][b][c] = value for "a.b.c"; list levels take integer indices."""
     parts = dotted.split(".")
     node: Any = tree
-    for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i])
         if isinstance(node, list):
-            idx = int(part)
-            if idx >= len(node):
-                raise ConfigError(f"override '{dotted}': index {idx} out of range (list has {len(node)})")
-            node = node[idx]
+            if not part.isdigit():
+                raise ConfigError(f"override '{dotted}': '{where}' is a list; index it with a number "
+                                  f"(e.g. {where}.0.{'.'.join(parts[i + 1:]) or 'key'}), not '{part}'")
+            if int(part) >= len(node):
+                raise ConfigError(f"override '{dotted}': index {part} out of range ({where} has {len(node)} entries)")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{where}' is a value ({node!r}), not a section with keys")
+        if i == len(parts) - 1:
+            node[int(part) if isinstance(node, list) else part] = value
+        elif isinstance(node, list):
+            node = node[int(part)]
         else:
-            if part not in node:
-                node[part] = [] if nxt.isdigit() else {}
+            if part not in node or node[part] is None:
+                node[part] = [] if parts[i + 1].isdigit() else {}
             node = node[part]
-    last = parts[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+
+
+def _yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with a one-line error naming where the text came from, line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}{at}: invalid YAML: {problem}") from None
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -217,7 +230,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like dotted.key=value")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+        out.append((key.strip(), _yaml(raw, f"override '{item}'") if raw != "" else ""))
     return out
 
 
@@ -228,7 +241,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path}: cannot be read as text ({err})") from None
+        data = _yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for key, value in parse_overrides(list(overrides)):
@@ -250,11 +267,31 @@ def _choice(value: str, options, key: str) -> None:
     _check(value in options, f"{key}: '{value}' is not one of {sorted(options)}{_did_you_mean(value, options)}")
 
 
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _check_device(value: str, key: str) -> None:
+    """auto | cpu | cuda | cuda:N, and CUDA only where there is one: never a silent CPU run."""
+    _check(bool(_DEVICE.match(value)), f"{key}: '{value}' is not a device; use auto, cpu, cuda or cuda:N")
+    if value.startswith("cuda"):
+        import torch  # noqa: PLC0415
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _check(count > 0, f"{key}={value}: this machine has no usable CUDA device (torch {torch.__version__}, "
+               f"cuda {'available' if torch.cuda.is_available() else 'not available'}); use {key}=auto or cpu")
+        index = int(value.split(":")[1]) if ":" in value else 0
+        _check(index < count, f"{key}={value}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks that need no model. Site names, model names and kinds come from registries."""
     from framework import hooks, llm, optim, sae, tensor_parallel, text_data  # registries (cheap imports)
 
     _check(bool(cfg.run_dir), "run_dir: must be set")
+    _check(not Path(cfg.run_dir).exists() or Path(cfg.run_dir).is_dir(),
+           f"run_dir: '{cfg.run_dir}' exists and is not a directory")
+    _check_device(cfg.model.device, "model.device")
+    _check_device(cfg.train.device, "train.device")
     _choice(cfg.model.dtype, {"float32", "bfloat16", "float16"}, "model.dtype")
     _choice(cfg.model.shard, {"", "zero3"}, "model.shard")
     _check(not (cfg.model.shard and cfg.model.device_map),
@@ -293,6 +330,9 @@ def validate(cfg: RunConfig) -> None:
     t = cfg.train
     _check(t.total_tokens > 0, "train.total_tokens: must be > 0")
     _check(t.batch_size > 0, "train.batch_size: must be > 0")
+    _check(t.total_tokens >= t.batch_size,
+           f"train.total_tokens={t.total_tokens} is smaller than train.batch_size={t.batch_size}: not one full "
+           "optimizer step; raise total_tokens or lower batch_size")
     _check(t.grad_accumulation_steps >= 1, "train.grad_accumulation_steps: must be >= 1")
     _check(t.batch_size % t.grad_accumulation_steps == 0,
            f"train.batch_size={t.batch_size} is not divisible by train.grad_accumulation_steps={t.grad_accumulation_steps}")
@@ -317,7 +357,7 @@ def validate(cfg: RunConfig) -> None:
         names.add(s.name)
         _choice(s.kind, sae.SAE_KINDS, f"{key}.kind")
         sae.parse_options(s.kind, s.options, f"{key}.options")
-        if getattr(sae.SAE_KINDS[s.kind], "wants_grad", False):  # gsae: d(LM loss)/d(activation) per token
+        if sae.SAE_KINDS[s.kind].needs_lm_grad:  # gsae: d(LM loss)/d(activation) per token
             _check(cfg.data.source == "text", f"{key}.kind: {s.kind} needs LM-loss gradients, which cached activations "
                    "(data.source=activations) do not hold; use data.source=text")
             _check(llm.model_type_hint(cfg.model.name) not in llm.ENCODER_TYPES,
@@ -342,7 +382,7 @@ def validate(cfg: RunConfig) -> None:
         _check(s.dead_after_tokens > 0, f"{key}.dead_after_tokens: must be > 0")
         _check(s.lr >= 0, f"{key}.lr: must be >= 0")
         _choice(s.b_dec_init, {"geometric_median", "mean", "zeros"}, f"{key}.b_dec_init")
-    wants_grad = [s.name for s in cfg.saes if getattr(sae.SAE_KINDS[s.kind], "wants_grad", False)]
-    _check(t.grad_accumulation_steps == 1 or not wants_grad,
-           f"train.grad_accumulation_steps: {wants_grad} take one LM-loss gradient per whole batch (set_grad), which "
+    lm_grad_saes = [s.name for s in cfg.saes if sae.SAE_KINDS[s.kind].needs_lm_grad]
+    _check(t.grad_accumulation_steps == 1 or not lm_grad_saes,
+           f"train.grad_accumulation_steps: {lm_grad_saes} take one LM-loss gradient per whole batch (set_grad), which "
            "is not split into micro-batches; use train.grad_accumulation_steps: 1 with these kinds")

@@ -133,6 +133,20 @@ class Engine:
         if self.world > 1:
             dist.barrier()
 
+    def broadcast_object(self, obj):
+        """Rank 0's (picklable, trusted: in-process) object on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, 0)
+        return box[0]
+
+    def raise_together(self, error: Exception | None) -> None:
+        """Collective: if rank 0 found a problem, every rank raises it (no rank left waiting)."""
+        problem = self.broadcast_object(None if error is None else (type(error), str(error)))
+        if problem is not None:
+            raise problem[0](problem[1])
+
     def wrap(self, module: torch.nn.Module, optimizer, scheduler, grad_clip: float, accumulation: int = 1) -> "Runner":
         if self.zero_stage:
             return ZeroRunner(module, optimizer, scheduler, grad_clip, self.zero_stage, accumulation)
@@ -219,8 +233,13 @@ class Runner:
 
 class DDPRunner(Runner):
     def __init__(self, module, optimizer, scheduler, grad_clip, accumulation, accelerator):
+        """`accelerator` is None when the caller made the process group before the engine
+        (Accelerate then stays out of it): plain torch DDP, the same wrapper Accelerate uses."""
         super().__init__(module, optimizer, scheduler, grad_clip, accumulation)
-        self.wrapped = accelerator.prepare_model(module)
+        if accelerator is not None:
+            self.wrapped = accelerator.prepare_model(module)
+        else:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(module)
 
     def micro_step(self, last: bool):
         """DDP all-reduces gradients in backward unless inside no_sync: only the last micro-step
@@ -300,7 +319,8 @@ class ZeroRunner(Runner):
             yield
             if modify:  # still gathered: each rank copies its own partition out of the full values
                 for p in params:
-                    safe_set_full_fp32_param(p, p.data)
+                    if p.requires_grad:  # frozen parameters have no master copy
+                        safe_set_full_fp32_param(p, p.data)
 
     def optimizer_state(self) -> dict:
         raise RuntimeError("ZeRO optimizer state is partitioned over the ranks: use optimizer_partition")
@@ -356,7 +376,7 @@ class ZeroRunner(Runner):
     @torch.no_grad()
     def load_optimizer_partition(self, source) -> None:
         """Set this rank's pieces from `source`, a checkpoint's optimizer state in any layout
-        (checkpoint.ZeroPieces / TorchPieces: shape(), step(), keys() and read(param, key, start,
+        (optimizer_state.SavedOptimizer: shape(), step(), keys() and read(param, key, start,
         numel) of the flattened full tensors, and counters). An engine that has not stepped yet
         gets its optimizer state created here, as torch's Adam would at its first step."""
         state_of, steps = self.optimizer.optimizer.state, {}

@@ -3,9 +3,11 @@
 Reconstruction metrics (reference.md §3): FVU = E||y - y_hat||^2 / E||y - mean(y)||^2 with the
 mean over the whole evaluation set (not zero, and not per batch); L0; dead fraction (never fired
 on the eval tokens); dense fraction (fires on > 10% of tokens); cosine and norm ratio.
-With an LLM source, the reconstruction is spliced into the forward pass at the site
-(special-token positions keep their clean activation) for delta CE, KL(clean || spliced) and
-CE recovered against zero ablation.
+With an LLM source, the reconstruction is spliced into the forward pass at the site for delta
+CE, KL(clean || spliced) and CE recovered against zero ablation. Splicing replaces exactly the
+positions the reconstruction metrics use (`LLMSource.sae_positions`: not special, finite, not
+a norm outlier); the others keep their clean activation. CE and KL average over all predicted
+positions of the held-out sequences.
 
 Latent-sharded SAEs are evaluated as they train, every rank of a shard group on the same
 tokens: the reconstruction is replicated, while the firing counts (and so L0) are each
@@ -24,8 +26,9 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from framework import hooks, text_data
+from framework import hooks
 from framework.activations import LLMSource
+from framework.errors import DataError
 from framework.llm import is_causal_lm
 
 DENSE_THRESHOLD = 0.1
@@ -145,7 +148,7 @@ def splice_metrics(source: LLMSource, trainers: dict, n_tokens: int, reduce) -> 
                 break
             seen += ids.numel()
             ids = ids.to(source.model_device)
-            keep = text_data.keep_mask(ids, source.specials, source.data_cfg.exclude_special_tokens)
+            keep = source.sae_positions(ids)
             clean = model(input_ids=ids, use_cache=False).logits
             ce_clean += _next_token_ce(clean, ids).item()
             predicted += ids[:, 1:].numel()
@@ -193,6 +196,9 @@ def evaluate(source, trainers: dict, eval_tokens: int, splice_tokens: int, splic
     stats = reconstruction_metrics(trainers, source.batches("eval"), max(1, eval_tokens // world))
     for s in stats.values():
         s.reduce_(reduce, latent_reduce)
+        if s.tokens == 0:  # never a perfect score on nothing
+            raise DataError("evaluation saw no held-out tokens (every held-out row was empty, special, NaN/Inf or an "
+                            "outlier); add data or lower data.norm_outlier_factor")
     results = {name: s.result() for name, s in stats.items()}
     if splice and isinstance(llm_source, LLMSource) and is_causal_lm(llm_source.model) and splice_tokens > 0:
         for name, metrics in splice_metrics(llm_source, trainers, max(1, splice_tokens // world), reduce).items():

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from framework import durable
 from framework.sae import SAE_KINDS, TopKSAE, parse_options
 
 SAELENS_VERSION = "6.0.0"
@@ -37,25 +38,21 @@ def folded_tensors(sae: TopKSAE) -> dict[str, torch.Tensor]:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def export_sae(sae: TopKSAE, folder: Path, kind: str, metadata: dict, log10_density: torch.Tensor | None = None) -> Path:
-    """Write `sae` (a whole SAE: latent shards are gathered first, see SAETrainer.full_sae)."""
+    """Write `sae` (a whole SAE: latent shards are gathered first, see SAETrainer.full_sae) as
+    one SAELens folder, atomically: the files go to a temporary folder, fsynced, which then
+    replaces `folder` (a kill leaves the old export or the new one, never a mix)."""
     if not isinstance(sae, TopKSAE):
         raise TypeError(f"export_sae needs a whole SAE, got a {type(sae).__name__}: gather latent shards first "
                         "(SAETrainer.evaluating(whole=True) or tensor_parallel.gather_full)")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(folded_tensors(sae), str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".tmp_{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    durable.write_file(tmp / WEIGHTS_FILE, save(folded_tensors(sae)))
     if log10_density is not None:
-        tmp = folder / (SPARSITY_FILE + ".tmp")
-        save_file({"sparsity": log10_density.float().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, folder / SPARSITY_FILE)
+        durable.write_file(tmp / SPARSITY_FILE, save({"sparsity": log10_density.float().cpu().contiguous()}))
     cfg = {
         "architecture": sae.export_architecture,
         "d_in": sae.d_in,
@@ -70,7 +67,8 @@ def export_sae(sae: TopKSAE, folder: Path, kind: str, metadata: dict, log10_dens
     }
     if sae.is_transcoder:
         cfg["d_out"] = sae.d_out
-    _atomic_write_text(folder / CONFIG_FILE, json.dumps(cfg, indent=2))
+    durable.write_json(tmp / CONFIG_FILE, cfg)
+    durable.publish_folder(tmp, folder)
     return folder
 
 

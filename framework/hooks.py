@@ -53,6 +53,15 @@ class SiteSpec:
         return SITE_KINDS[self.kind][2].format(L=self.layer)
 
 
+def hook_name(site: str) -> str:
+    """The TransformerLens-style name a SAELens export records for a site; a name that is no
+    hook site (a tensor of an activation file, e.g. `resid`) is recorded as it is."""
+    try:
+        return parse_site(site).tl_name
+    except ConfigError:
+        return site
+
+
 def parse_site(name: str, key: str = "site") -> SiteSpec:
     for prefix, read in (("module:", "output"), ("module_input:", "input")):
         if name.startswith(prefix):

@@ -177,7 +177,15 @@ def smollm2_folder(cfg: ModelConfig) -> Path:
 def _load_pretrained(path_or_name: str, dtype: torch.dtype, device_map: str = ""):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    config = AutoConfig.from_pretrained(path_or_name)
+    try:
+        config = AutoConfig.from_pretrained(path_or_name)
+    except (OSError, ValueError) as err:  # not local, not in the hub cache, and no network (or no such repo)
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ConfigError(
+            f"model.name: cannot load '{path_or_name}': it is not a local model folder, and the Hugging Face hub "
+            f"{'is off (HF_HUB_OFFLINE=1)' if offline else 'could not provide it'} and it is not in the local cache "
+            f"({str(err).splitlines()[0][:200]}). Use a local folder, {', '.join(BUILTIN_MODELS)}, or a tiny-* model."
+        ) from None
     kwargs = {"dtype": dtype, **({"device_map": device_map} if device_map else {})}
     try:
         model = AutoModelForCausalLM.from_pretrained(path_or_name, **kwargs)

@@ -37,6 +37,8 @@ class SAEBase(nn.Module):
     """What every layout of a dictionary shares (whole, or a shard of its latents): the
     parameters, the normalisation units and the unit-norm decoder constraint."""
 
+    needs_lm_grad = False  # capability: the step needs d(LM loss)/d(activation) (gsae)
+
     def _make_parameters(self, n_rows: int, d_in: int, d_out: int, is_transcoder: bool, g: torch.Generator,
                          dtype: torch.dtype = torch.float32, device=None) -> None:
         self.d_in, self.d_out, self.is_transcoder = d_in, d_out, is_transcoder

@@ -143,7 +143,7 @@ class SAETrainer:
             from framework.engine import Runner  # noqa: PLC0415
 
             opt, sched = optim.OPTIMIZERS[self.train_cfg.optimizer](
-                list(self.sae.parameters()), self.lr, self.train_cfg, self.total_steps)
+                [p for p in self.sae.parameters() if p.requires_grad], self.lr, self.train_cfg, self.total_steps)
             wrap = self.engine.wrap if self.engine is not None else Runner
             self._runner = wrap(self.objective, opt, sched, self.train_cfg.grad_clip,
                                 self.train_cfg.grad_accumulation_steps)

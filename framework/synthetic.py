@@ -314,8 +314,9 @@ class SyntheticActivations:
                      generator: torch.Generator | None = None, save_ground_truth: bool = True) -> list[Path]:
         """Write `n_tokens` tokens as `shard_00000.safetensors`, ... (tensor `key`, [rows, d])
         readable by sparsemill's file source (data.source=activations, data.activations_dir).
-        With save_ground_truth, `ground_truth.pt` (ignored by the file source) holds the
-        dictionary, frequencies, parents, signed mask, scales, offset and config."""
+        With save_ground_truth, `ground_truth/tensors.safetensors` (a subfolder: the file source
+        ignores it) holds the dictionary, frequencies, parents, signed mask, scales and offset,
+        and `synthetic_config.json` the config (`load_ground_truth` reads both back)."""
         from safetensors.torch import save_file  # noqa: PLC0415
 
         folder = Path(folder)
@@ -327,7 +328,9 @@ class SyntheticActivations:
             save_file({key: x.to(dtype).contiguous()}, str(path))
             paths.append(path)
         if save_ground_truth:
-            torch.save(self.ground_truth(), folder / "ground_truth.pt")
+            (folder / "ground_truth").mkdir(exist_ok=True)
+            tensors = {k: v.contiguous() for k, v in self.ground_truth().items() if torch.is_tensor(v)}
+            save_file(tensors, str(folder / "ground_truth" / "tensors.safetensors"))
             (folder / "synthetic_config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
         return paths
 
@@ -335,6 +338,15 @@ class SyntheticActivations:
         return {"dictionary": self.dictionary, "frequencies": self.frequencies, "parent_of": self.parent_of,
                 "signed": self.signed, "feature_scale": self.feature_scale, "offset": self.offset,
                 "config": dataclasses.asdict(self.cfg)}
+
+
+def load_ground_truth(folder: str | Path) -> dict:
+    """What `write_shards(save_ground_truth=True)` wrote: the tensors and the config dict."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    folder = Path(folder)
+    truth = load_file(str(folder / "ground_truth" / "tensors.safetensors"))
+    return {**truth, "config": json.loads((folder / "synthetic_config.json").read_text())}
 
 
 # ----------------------------------------------------------------------------- metrics

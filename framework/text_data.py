@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 import random
 import zlib
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Iterator
 import torch
 
 from framework.config import ConfigError, DataConfig
+from framework.errors import DataError
 
 TEXT_SUFFIXES = {".txt": "text", ".rst": "text", ".md": "text", ".text": "text",
                  ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -57,6 +59,11 @@ def resolve_sources(paths: list[str]) -> tuple[list[Path], list[str]]:
     return files, hub
 
 
+def _has_content(doc: str | list[int] | None) -> bool:
+    """Whitespace-only text is no document: it would train on blanks and hold nothing out."""
+    return bool(doc.strip()) if isinstance(doc, str) else bool(doc)
+
+
 def is_eval_document(doc: str | list[int]) -> bool:
     key = doc.encode() if isinstance(doc, str) else str(doc[:64]).encode()
     return zlib.crc32(key) % 100 < EVAL_PERCENT
@@ -76,10 +83,37 @@ def _file_documents(files: list[Path], cfg: DataConfig) -> Iterator[str | list[i
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = load_dataset(builder, data_files=group, split="train", streaming=True, **kwargs)
         column = "text" if builder == "text" else _field(cfg)
-        for row in ds:
-            if column not in row:
-                raise ConfigError(f"data: files {group[:3]} have no column '{column}' (columns: {sorted(row)})")
-            yield row[column]
+        try:
+            for row in ds:
+                if column not in row:
+                    raise ConfigError(f"data: files {group[:3]} have no column '{column}' (columns: {sorted(row)})")
+                yield row[column]
+        except (ConfigError, GeneratorExit):
+            raise
+        except Exception as err:  # noqa: BLE001  (datasets wraps decoding/parsing errors in its own types)
+            raise DataError(f"data.paths: {_unreadable(group, builder)} ({type(err).__name__})") from None
+
+
+def _unreadable(group: list[str], builder: str) -> str:
+    """Which file of a group broke the reader: the first that is not UTF-8 text (or, for
+    json/parquet, that the format's own parser rejects)."""
+    for name in group:
+        try:
+            if builder == "parquet":
+                import pyarrow.parquet  # noqa: PLC0415
+
+                pyarrow.parquet.ParquetFile(name)
+            else:
+                text = Path(name).read_text(encoding="utf-8")
+                if builder == "json":
+                    for line in text.splitlines() if name.endswith(".jsonl") else [text]:
+                        if line.strip():
+                            json.loads(line)
+        except UnicodeDecodeError as err:
+            return f"'{name}' is not UTF-8 text (byte {err.start}: {err.reason}); is it a binary file?"
+        except Exception as err:  # noqa: BLE001
+            return f"'{name}' cannot be read as {builder}: {err}"
+    return f"one of {group[:3]}{'...' if len(group) > 3 else ''} cannot be read as {builder}"
 
 
 def _hub_documents(name: str, cfg: DataConfig, seed: int) -> Iterator[str | list[int]]:
@@ -138,7 +172,7 @@ def documents(cfg: DataConfig, split: str, seed: int, rank: int = 0, world: int 
         index = 0
         for stream in streams:
             for doc in stream:
-                if doc and is_eval_document(doc) == want_eval:
+                if _has_content(doc) and is_eval_document(doc) == want_eval:
                     any_doc = True
                     if index % world == rank and index >= start:
                         if position is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from framework import checkpoint, export
-from framework.activations import ActivationSource, FileSource, LLMSource
+from framework import checkpoint, export, text_data
+from framework.activations import SKIP_REASONS, ActivationSource, FileSource, LLMSource
 from framework.buffer import MixingBuffer
 from framework.config import ConfigError, RunConfig
 from framework.engine import Engine, mesh_shape
+from framework.errors import DataError
 from framework.evaluate import evaluate
 from framework.llm import check_zero3_layout, load_frozen
 from framework.logs import RunLogger
@@ -60,6 +62,35 @@ def build_source(cfg: RunConfig, device: torch.device, rank: int = 0, world: int
     sites = sorted({s.site for s in cfg.saes} | {s.output_site for s in cfg.saes if s.output_site})
     return LLMSource(cfg.data, model, tokenizer, sites, device, cfg.train.seed, rank, world,
                      grad_sites=gradient_sites(cfg.saes))
+
+
+def check_run_dir(run_dir: Path) -> ConfigError | None:
+    """The run directory exists (or can be created) and takes files: checked before any model
+    loads, so a read-only or misspelt location fails in a second."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return ConfigError(f"run_dir: cannot write to '{run_dir}' ({err.strerror or err})")
+    return None
+
+
+def check_eval_split(cfg: RunConfig, source: ActivationSource, engine: Engine) -> None:
+    """An evaluation on zero tokens would report a perfect score: refuse it before training;
+    a held-out split smaller than eval.tokens is said with both numbers."""
+    want = cfg.eval.tokens
+    have = int(engine.data_reduce_(torch.tensor([source.eval_tokens_available(max(1, want // engine.dp_world))],
+                                                 device=engine.device)).item())
+    if have == 0:
+        where = (f"the last eval.tokens rows of {cfg.data.activations_dir}" if cfg.data.source == "activations" else
+                 f"the {text_data.EVAL_PERCENT}% of documents of data.paths chosen by content hash")
+        raise DataError(f"the held-out split is empty ({where} hold no usable tokens): evaluation would score "
+                        "nothing; add data (more or longer documents)")
+    if have < want:
+        log.warning("eval.tokens=%d, but the held-out split has only %d usable tokens: evaluating on %d", want, have,
+                    have)
 
 
 def check_layout(cfg: RunConfig, world: int) -> None:
@@ -149,7 +180,9 @@ def export_all(cfg: RunConfig, run_dir: Path, trainers: dict, stats: dict, token
             continue
         with checkpoint.training_weights_kept([trainers[s.name]]), trainers[s.name].evaluating(whole=True) as sae:
             if write:
-                export.export_sae(sae, run_dir / "export" / s.name, s.kind, checkpoint.export_metadata(cfg, s, tokens),
+                tr = trainers[s.name]
+                meta = checkpoint.export_metadata(cfg, s, tokens, (tr.input_site, tr.output_site))
+                export.export_sae(sae, run_dir / "export" / s.name, s.kind, meta,
                                   stats[s.name].log10_density())
 
 
@@ -173,13 +206,12 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
     engine = Engine(cfg.dist, cfg.train.device)
     check_layout(cfg, engine.world)
     run_dir = Path(cfg.run_dir)
-    if engine.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    engine.raise_together(check_run_dir(run_dir) if engine.is_main else None)
     seed_everything(cfg.train.seed)
     device = engine.device
 
     llm_source = build_source(cfg, device, engine.dp_rank, engine.dp_world)  # a latent-shard group reads one stream
+    check_eval_split(cfg, llm_source, engine)
     sites = sae_sites(cfg, llm_source)
     p = place(cfg, engine, llm_source, sites)
     total_steps = total_steps_for(cfg.train)
@@ -190,6 +222,8 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
     ckpt = checkpoint.CheckpointManager(run_dir / "checkpoints", cfg, engine, trainers, buffer, llm_source,
                                         p.each_rank_writes)
     resumed = ckpt.resume(cfg.train.resume)  # restores weights, optimizer, counters, data position, buffer, RNG
+    if engine.is_main:  # only now: a refused resume leaves the run directory as it was
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     stream = p.source.batches("train")  # continues at the restored position
     if resumed is None:  # fresh: normalisation and b_dec from the first tokens, which then train too
         init = _take_tokens(stream, max(1, cfg.train.init_tokens // p.share))
@@ -203,7 +237,7 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
     save = lambda: ckpt.save(step, tokens, {"hist_tokens": logger.hist_tokens, "eval": last_eval})  # noqa: E731
     for batch in buffer.batches(stream) if tokens < cfg.train.total_tokens else ():
         for tr in trainers.values():
-            if getattr(tr.sae, "wants_grad", False):  # gsae: d(LM loss)/d(activation) of these rows
+            if tr.sae.needs_lm_grad:  # gsae: d(LM loss)/d(activation) of these rows
                 tr.sae.set_grad(batch.get(grad_key(tr.output_site)))
             tr.step(batch[tr.input_site], batch[tr.output_site])
         step += 1
@@ -228,8 +262,10 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
     export_all(cfg, run_dir, trainers, result["stats"], tokens, write=engine.is_main or p.each_rank_writes)
     logger.close()
     metrics = _gather_dicts(result["metrics"], engine, p.each_rank_writes)
-    dropped = [llm_source.nonfinite_tokens, llm_source.outlier_tokens, getattr(llm_source, "lockstep_dropped_tokens", 0)]
-    skipped = engine.data_reduce_(torch.tensor(dropped, device=device))
+    splits = sorted(llm_source.skipped)
+    counts = torch.tensor([llm_source.skipped[sp][r] for sp in splits for r in SKIP_REASONS], device=device)
+    counts = engine.data_reduce_(counts).view(len(splits), len(SKIP_REASONS)).tolist()
+    skipped = {r: {sp: int(counts[i][j]) for i, sp in enumerate(splits)} for j, r in enumerate(SKIP_REASONS)}
     summary = {
         "tokens": tokens,
         "steps": step,
@@ -239,9 +275,10 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
         "latent_shards": engine.latent_shards,
         "train_seconds": round(train_seconds, 2),
         "tokens_per_s": round((tokens - logger.start_tokens) / max(train_seconds, 1e-9), 1),
-        "nonfinite_tokens_skipped": int(skipped[0]),
-        "outlier_tokens_dropped": int(skipped[1]),
-        "lockstep_dropped_tokens": int(skipped[2]),  # model.shard=zero3: rows cut to keep ranks aligned
+        # rows no SAE saw, per split (train: the stream; eval: the last pass over the held-out rows)
+        "nonfinite_tokens_skipped": skipped["nonfinite"],
+        "outlier_tokens_dropped": skipped["outlier"],
+        "lockstep_dropped_tokens": skipped["lockstep"],  # model.shard=zero3: rows cut to keep ranks aligned
         "saes": {s.name: metrics[s.name] for s in cfg.saes},
     }
     if engine.is_main:

@@ -1,13 +1,27 @@
 """Shared fixtures: real English text that ships with Python itself (stdlib docstrings),
-so tests need neither network nor OS documentation packages."""
+so tests need neither network nor OS documentation packages; and the thread-count switch."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+THREADS_ENV = "SPARSEMILL_TEST_THREADS"
+
+
+def pytest_configure(config):
+    """`SPARSEMILL_TEST_THREADS=1 python -m pytest tests` runs the whole suite (and the
+    processes it starts, through OMP_NUM_THREADS) with one intra-op thread: results must not
+    depend on the thread count, which changes reduction orders and blockings."""
+    threads = os.environ.get(THREADS_ENV)
+    if threads:
+        torch.set_num_threads(int(threads))
+        os.environ["OMP_NUM_THREADS"] = threads
 
 STDLIB_MODULES = ["json", "argparse", "collections", "pathlib", "functools", "itertools", "logging", "textwrap",
                   "string", "random", "statistics", "datetime", "dataclasses", "difflib", "heapq"]

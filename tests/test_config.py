@@ -25,8 +25,8 @@ def base(tmp_path, text_dir):
 
 
 def test_valid_config_and_overrides(base):
-    cfg = load_config(base, ["saes.0.k=8", "train.total_tokens=1000", "train.adam_betas=[0.8, 0.9]"])
-    assert cfg.saes[0].k == 8 and cfg.train.total_tokens == 1000 and cfg.train.adam_betas == [0.8, 0.9]
+    cfg = load_config(base, ["saes.0.k=8", "train.total_tokens=2048", "train.adam_betas=[0.8, 0.9]"])
+    assert cfg.saes[0].k == 8 and cfg.train.total_tokens == 2048 and cfg.train.adam_betas == [0.8, 0.9]
     assert cfg.saes[0].name == "blocks_1_resid_post"  # a default name derived from the site
 
 

@@ -101,7 +101,7 @@ def test_npy_shards_and_nonfinite_rows_are_skipped(tmp_path):
     np.save(tmp_path / "a.npy", x)
     src = FileSource(DataConfig(source="activations", activations_dir=str(tmp_path)), torch.device("cpu"), 0, eval_rows=5)
     (batch,) = itertools.islice(src.batches("train"), 1)
-    assert batch["activations"].shape == (33, 5) and src.nonfinite_tokens == 2
+    assert batch["activations"].shape == (33, 5) and src.skipped["train"]["nonfinite"] == 2
     assert torch.isfinite(batch["activations"]).all()
 
 

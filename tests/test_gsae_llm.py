@@ -69,10 +69,10 @@ def test_outlier_filter_ignores_gradient_norms_and_buffer_keeps_rows_aligned(gpt
     acts = torch.randn(10, 4)
     grads = torch.randn(10, 4)
     grads[3] *= 1e4  # a huge gradient: the token stays
-    kept = src._clean({site: acts, gkey: grads})
+    kept = src._clean({site: acts, gkey: grads}, src.skipped["train"])
     assert kept[site].shape[0] == 10
     acts[5] *= 1e4  # a huge activation: the token goes, with its gradient
-    kept = src._clean({site: acts, gkey: grads})
+    kept = src._clean({site: acts, gkey: grads}, src.skipped["train"])
     assert kept[site].shape[0] == 9 and torch.equal(kept[gkey], torch.cat([grads[:5], grads[6:]]))
 
     def items(n, start):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from framework.cli import main
 from framework.config import ConfigError, load_config
 from framework.export import folded_tensors, load_exported
+from framework.optimizer_state import SavedOptimizer
 from framework.sae import build_sae
 from framework.train import check_layout
 
@@ -64,6 +65,10 @@ def _checkpoint(run: Path, step: int) -> dict:
     return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "s.safetensors"))
 
 
+def _optimizer(run: Path, step: int) -> SavedOptimizer:
+    return SavedOptimizer(run / "checkpoints" / f"step_{step:08d}", "s", {})
+
+
 def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
@@ -88,12 +93,11 @@ def test_two_latent_shards_train_what_one_process_trains(runs):
         print(f"step {step}: max |w(2 latent shards) - w(1 process)| = {_max_diff(a, b):.3g}")
     half = _checkpoint(one, STEPS // 2)
     assert (half["tokens_since_fired"] >= SAE["dead_after_tokens"]).any()  # dead latents: AuxK ran
-    state = [torch.load(run / "checkpoints" / f"step_{STEPS:08d}" / "s.optim.pt", weights_only=True)
-             for run in (one, sharded)]
-    assert state[0]["scheduler"] == state[1]["scheduler"]
-    for i, moments in state[0]["optimizer"]["state"].items():
+    state = [_optimizer(run, STEPS) for run in (one, sharded)]
+    assert state[0].settings["scheduler"] == state[1].settings["scheduler"]
+    for param, moments in state[0].whole().items():
         for key, value in moments.items():
-            torch.testing.assert_close(state[1]["optimizer"]["state"][i][key], value, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(state[1].whole()[param][key], value, rtol=1e-4, atol=1e-7)
     m1, m2 = (json.loads((run / "eval.json").read_text())["s"] for run in (one, sharded))
     for key in ("fvu", "l0", "dead_frac", "dense_frac", "cos"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
@@ -128,11 +132,10 @@ def test_sharded_run_resumes_exactly(runs):
     a, b = _checkpoint(runs / "sharded", STEPS), _checkpoint(again, STEPS)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    optim = [torch.load(run / "checkpoints" / f"step_{STEPS:08d}" / "s.optim.pt", weights_only=True)
-             for run in (runs / "sharded", again)]
-    for i, moments in optim[0]["optimizer"]["state"].items():
+    optim = [_optimizer(run, STEPS).whole() for run in (runs / "sharded", again)]
+    for param, moments in optim[0].items():
         for key, value in moments.items():
-            assert torch.equal(optim[1]["optimizer"]["state"][i][key], value), (i, key)
+            assert torch.equal(optim[1][param][key], value), (param, key)
 
 
 def test_impossible_latent_shard_layouts_fail_before_loading(tmp_path):

@@ -183,7 +183,8 @@ def test_two_rank_training_run_with_a_sharded_llm(tmp_path, text_dir):
     _torchrun("-m", "framework", "train", str(path), "--quiet", timeout=300)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == WORLD and summary["steps"] == 6
-    assert summary["lockstep_dropped_tokens"] >= 0  # reported (ranks with unequal rows cut theirs)
+    assert set(summary["lockstep_dropped_tokens"]) == {"train", "eval"}  # reported per split
+    assert min(summary["lockstep_dropped_tokens"].values()) >= 0
     for name in ("resid", "g"):
         m = summary["saes"][name]
         assert 0 < m["fvu"] < 2 and m["l0"] <= 4 and "delta_ce" in m, (name, m)

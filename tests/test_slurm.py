@@ -324,13 +324,13 @@ def _wait_checkpoint_after(cluster, job, run_dir, step, timeout, t0, log) -> int
     raise AssertionError(f"no checkpoint after step {step} within {timeout} s\n{cluster.log_tail(log)}")
 
 
-RESULTS: dict = {}
+# --------------------------------------------------------------------------- jobs (module fixtures: any test
+# that needs a job's run directory asks for it, so every test also runs alone)
 
 
-# --------------------------------------------------------------------------- tests
-
-
-def test_multi_node_job_trains_and_exports(cluster, tmp_path_factory, text_dir):
+@pytest.fixture(scope="module")
+def reference_job(cluster, tmp_path_factory, text_dir) -> Path:
+    """An uninterrupted 2-task job; its run directory."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     t0 = time.time()
     job = cluster.submit("multi", *_overrides(run_dir, text_dir), log="%x-%j.log", CPU=1, NODES=1,
@@ -343,10 +343,13 @@ def test_multi_node_job_trains_and_exports(cluster, tmp_path_factory, text_dir):
     assert "multi_node.sh: node 0 of 1" in text and "step exited with code 0" in text
     say(f"reference job {job}: {rec['JobState']} exit {rec['ExitCode']} restarts {rec['Restarts']}, "
         f"{summary['steps']} steps, wall {time.time() - t0:.1f} s (RunTime {rec.get('RunTime')})")
-    RESULTS["reference"] = run_dir
+    return run_dir
 
 
-def test_preempted_job_requeues_and_resumes(cluster, tmp_path_factory, text_dir):
+@pytest.fixture(scope="module")
+def preempted_job(cluster, tmp_path_factory, text_dir) -> Path:
+    """The same job signalled twice (USR1 to the steps, then to the batch shell): it
+    checkpoints, exits 75, is requeued and resumes each time; its run directory."""
     run_dir = tmp_path_factory.mktemp("preempted") / "run"
     t0 = time.time()
     job = cluster.submit("multi", *_overrides(run_dir, text_dir), log="%x-%j.log", CPU=1, NODES=1,
@@ -379,9 +382,18 @@ def test_preempted_job_requeues_and_resumes(cluster, tmp_path_factory, text_dir)
     summary = _check_outputs(run_dir, STEPS, world=2)
     say(f"preempted job {job}: {rec['JobState']} exit {rec['ExitCode']} restarts {rec['Restarts']}, final step "
         f"{summary['steps']} (uninterrupted: {STEPS}), wall {time.time() - t0:.1f} s")
-    RESULTS["preempted"] = run_dir
-    if "reference" in RESULTS:
-        say(f"  max |weight difference| vs the uninterrupted run: {_weight_diff(RESULTS['reference'], run_dir)}")
+    return run_dir
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_multi_node_job_trains_and_exports(reference_job):
+    _check_outputs(reference_job, STEPS, world=2)
+
+
+def test_preempted_job_requeues_and_resumes(preempted_job):
+    _check_outputs(preempted_job, STEPS, world=2)
 
 
 def _weight_diff(a: Path, b: Path) -> dict:
@@ -393,9 +405,9 @@ def _weight_diff(a: Path, b: Path) -> dict:
     return out
 
 
-def test_resumed_weights_equal_uninterrupted_run():
-    assert "reference" in RESULTS and "preempted" in RESULTS, "needs the reference and preempted runs of this module"
-    diff = _weight_diff(RESULTS["reference"], RESULTS["preempted"])
+def test_resumed_weights_equal_uninterrupted_run(reference_job, preempted_job):
+    diff = _weight_diff(reference_job, preempted_job)
+    say(f"  max |weight difference| of the preempted job vs the uninterrupted one: {diff}")
     assert all(v == 0.0 for v in diff.values()), f"max |difference| per SAE: {diff}"
 
 

@@ -13,7 +13,7 @@ from framework.activations import FileSource
 from framework.config import SAEConfig, TrainConfig, load_config
 from framework.evaluate import reconstruction_metrics
 from framework.sae_trainer import SAETrainer
-from framework.synthetic import SyntheticActivations, SyntheticConfig, feature_recovery, max_cosines
+from framework.synthetic import SyntheticActivations, SyntheticConfig, feature_recovery, load_ground_truth, max_cosines
 
 
 def _gen(**kw) -> SyntheticActivations:
@@ -186,7 +186,7 @@ def test_write_shards_readable_by_file_source(tmp_path):
     assert [load_file(p)["activations"].shape for p in paths] == [(1000, 32), (1000, 32), (500, 32)]
     fresh = SyntheticActivations(gen.cfg)  # same seed, same stream (drawn in the same chunk sizes)
     expected = torch.cat([fresh.sample(n)[0] for n in (1000, 1000, 500)])
-    truth = torch.load(tmp_path / "ground_truth.pt")
+    truth = load_ground_truth(tmp_path)
     assert torch.equal(truth["dictionary"], gen.dictionary)
     # the framework's config validation and file source accept the folder
     cfg = load_config(None, ["data.source=activations", f"data.activations_dir={tmp_path}",

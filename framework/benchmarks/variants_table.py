@@ -179,7 +179,7 @@ def run_one(run: Run, train_x: torch.Tensor, eval_x: torch.Tensor, true_l0: torc
     offset = gen.offset
     for step in range(total_steps):
         x = train_x[step * B:(step + 1) * B]
-        if getattr(tr.sae, "wants_grad", False):
+        if tr.sae.needs_lm_grad:
             tr.sae.set_grad((x - offset) @ metric)  # gradient of the synthetic downstream loss, raw units
         tr.step(x, x)
     seconds = time.perf_counter() - start

@@ -11,5 +11,3 @@ framework.sae.SAE_KINDS (math of every kind: README.md in this folder).
 
 from framework.variants import choice, gsae, matryoshka, mpsae, topafa, vtopk  # noqa: F401  (registration)
 from framework.variants.gsae import grad_key, lm_activation_grads  # noqa: F401
-
-KINDS = ("batchtopk", "mutual_choice", "feature_choice", "topafa", "gsae", "mpsae", "matryoshka", "vtopk")

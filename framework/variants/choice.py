@@ -52,6 +52,9 @@ class BatchTopKSAE(VariantSAE):
     def __init__(self, d_in, n_latents, k, d_out=None, seed=0, options=None):
         super().__init__(d_in, n_latents, k, d_out=d_out, seed=seed, options=options)
         self.running = RunningThreshold(n_latents, self.per_latent_threshold, self.options.threshold_beta)
+        # the kernel width the last batch needed (x1.5): a buffer, so a resumed run starts from
+        # the same width and packs its selection in the same order (bitwise resume)
+        self.register_buffer("width_hint", torch.zeros((), dtype=torch.long))
         if self.batch_level_selection():
             # A batch-level selection lets high-norm tokens take many latents; with unit-norm
             # tied rows their initial reconstructions overshoot badly (FVU >> 1) and training
@@ -69,9 +72,9 @@ class BatchTopKSAE(VariantSAE):
 
     def select_train(self, x: torch.Tensor, k: int):
         # start the kernel at the width the last batch needed (x1.5): usually no re-run
-        start = max(self._width(k), getattr(self, "_width_hint", 0))
+        start = max(self._width(k), int(self.width_hint))
         values, indices = batch_topk_select(x, self.encoder_weight, self.encoder_bias, self.input_offset(), k, start)
-        self._width_hint = min(self.n_latents, values.shape[1] * 3 // 2 + 1)
+        self.width_hint.fill_(min(self.n_latents, values.shape[1] * 3 // 2 + 1))
         return values, indices
 
     def select_inference(self, x: torch.Tensor, k: int):

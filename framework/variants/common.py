@@ -50,6 +50,20 @@ def compact(values: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor) -> 
     return torch.where(kept, v, torch.zeros((), dtype=v.dtype, device=v.device)), torch.where(kept, i, torch.zeros_like(i))
 
 
+def coalesce(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge repeated latents of a row into one slot (values summed), so every count of active
+    latents (L0, firing counters, densities) sees each latent once. Freed slots get value 0 and
+    index 0. Differentiable in `values`; the decode of the result is the same sum."""
+    sorted_idx, order = indices.sort(dim=1, stable=True)
+    new = torch.ones_like(sorted_idx, dtype=torch.bool)
+    new[:, 1:] = sorted_idx[:, 1:] != sorted_idx[:, :-1]
+    slot = new.long().cumsum(1) - 1  # position of each entry's group
+    merged = torch.zeros_like(values).scatter_add(1, slot, values.gather(1, order))
+    merged_idx = torch.zeros_like(indices).scatter(1, slot, sorted_idx)
+    width = int(slot.max()) + 1 if slot.numel() else 1
+    return merged[:, :width], merged_idx[:, :width]
+
+
 def rows_from_pairs(token: torch.Tensor, latent: torch.Tensor, value: torch.Tensor,
                     n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(token, latent, value) triples -> per-token padded [n_tokens, width] values/indices."""
@@ -281,6 +295,6 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["VariantSAE", "batch_topk_select", "threshold_select", "feature_topm_select", "compact",
+__all__ = ["VariantSAE", "batch_topk_select", "threshold_select", "feature_topm_select", "compact", "coalesce",
            "rows_from_pairs", "RunningThreshold", "DensityTracker", "zipf_underused", "aux_residual_loss",
            "normalized_mse", "require", "default_width", "ceil_div"]

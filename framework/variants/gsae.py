@@ -88,7 +88,7 @@ class GradientSAE(VariantSAE):
 
     Options = GSAEOptions
     export_architecture = "topk"
-    wants_grad = True  # marker for the train loop (see README: wiring)
+    needs_lm_grad = True  # capability: the train loop hands it d(LM loss)/d(activation)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -133,8 +133,8 @@ def grad_key(site: str) -> str:
 
 def gradient_sites(sae_cfgs) -> list[str]:
     """The sites whose LM-loss gradient the SAEs need: the output site of every kind that
-    `wants_grad` (the reconstructed activation, i.e. an SAE's own site)."""
-    return sorted({s.output_site or s.site for s in sae_cfgs if getattr(SAE_KINDS[s.kind], "wants_grad", False)})
+    `needs_lm_grad` (the reconstructed activation, i.e. an SAE's own site)."""
+    return sorted({s.output_site or s.site for s in sae_cfgs if SAE_KINDS[s.kind].needs_lm_grad})
 
 
 def lm_activation_grads(model, input_ids: torch.Tensor, site: str, attention_mask: torch.Tensor | None = None,

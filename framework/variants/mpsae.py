@@ -12,7 +12,7 @@ import torch
 
 import kernels
 from framework.sae import SAE_KINDS, SAEOutput
-from framework.variants.common import VariantSAE, require
+from framework.variants.common import VariantSAE, coalesce, require
 
 
 @dataclass
@@ -28,8 +28,10 @@ class MPOptions:
 @SAE_KINDS.register("mpsae")
 class MatchingPursuitSAE(VariantSAE):
     """Tied dictionary: selection and coefficients use the decoder rows. `encoder_weight` is
-    kept equal to the decoder (synced after every step) so that the export's W_enc = W_dec^T
-    and the trainer's AuxK scores dead atoms by their correlation with x - b_dec."""
+    kept equal to the decoder (synced after every step, and frozen: it is no parameter of the
+    objective, so data-parallel wrappers expect no gradient for it) so that the export's
+    W_enc = W_dec^T and the trainer's AuxK scores dead atoms by their correlation with
+    x - b_dec. A latent picked at several steps is one active latent (its coefficients summed)."""
 
     Options = MPOptions
     export_architecture = "matching_pursuit"
@@ -37,6 +39,8 @@ class MatchingPursuitSAE(VariantSAE):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.encoder_weight.requires_grad_(False)
+        self.encoder_bias.requires_grad_(False)
         self.sync_encoder()
 
     @torch.no_grad()
@@ -73,6 +77,7 @@ class MatchingPursuitSAE(VariantSAE):
             values, indices, _ = self.pursuit(x, k)
         else:
             values, indices, _ = self.pursuit(x, self.options.max_inference_steps or k, self.options.stop_residual)
+        values, indices = coalesce(values, indices)
         return SAEOutput(self.decode(values, indices), values, indices)
 
     def after_step(self, out: SAEOutput) -> None:

@@ -105,7 +105,7 @@ def main() -> None:
     result["train_rows"] = [b["blocks.1.resid_post"].shape[0] for b in batches]
     result["train_has_grads"] = all("blocks.1.resid_post@grad" in b for b in batches)
     result["forwards"] = len(forwards)
-    result["dropped"] = src.lockstep_dropped_tokens
+    result["dropped"] = src.skipped["train"]["lockstep"] + src.skipped["eval"]["lockstep"]
     torch.save(result, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
