@@ -79,6 +79,8 @@ RUNS = [
     Run("matryoshka", "matryoshka"),
     Run("matryoshka+batchtopk", "matryoshka", {"selection": "batchtopk"}),
     Run("vtopk", "vtopk"),
+    Run("jumprelu", "jumprelu"),  # target L0 = k through the controller
+    Run("jumprelu+tanh", "jumprelu", {"sparsity": "tanh"}),
 ]
 
 
