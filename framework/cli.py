@@ -1,5 +1,5 @@
 """Command line: `sparsemill train CONFIG.yaml [dotted.key=value ...]`, `sparsemill export RUN_DIR`,
-`sparsemill inspect RUN_DIR`."""
+`sparsemill inspect RUN_DIR`, `sparsemill circuit-tracer EXPORT_FOLDER... --out DIR`."""
 
 from __future__ import annotations
 
@@ -70,10 +70,28 @@ def main(argv: list[str] | None = None) -> int:
                     "manifest's size and sha256), the layout that wrote them, and eval metrics when present.")
     p_inspect.add_argument("run_dir", help="run directory (holds checkpoints/)")
     p_inspect.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p_ct = sub.add_parser(
+        "circuit-tracer", help="write a circuit-tracer transcoder set from export folders",
+        description="Write circuit-tracer's transcoder-set layout (layer_<L>.safetensors + config.yaml) from the "
+                    "SAELens export folders of MLP transcoders (blocks.L.mlp_in -> blocks.L.mlp_out), one per layer "
+                    "from 0 up. Load it with circuit_tracer.utils.caching.load_transcoders_from_cache(NAME, "
+                    "cache_dir=PARENT) where --out is PARENT/NAME.")
+    p_ct.add_argument("folders", nargs="+", help="export folders, e.g. RUN_DIR/export/<sae>")
+    p_ct.add_argument("--out", required=True, help="output folder")
+    p_ct.add_argument("--scan", default="", help="circuit-tracer's scan name (default: the folder's name)")
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown or (extra and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if args.command == "circuit-tracer":
+        from framework import export  # noqa: PLC0415
+
+        try:
+            print(f"wrote {export.export_circuit_tracer(args.folders, args.out, args.scan)}")
+        except (ValueError, FileNotFoundError) as err:
+            print(f"circuit-tracer export: {err}", file=sys.stderr)
+            return 1
+        return 0
     if args.command in ("export", "inspect"):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return _checkpoint_command(args)

@@ -240,7 +240,13 @@ def build_sae(kind: str, d_in: int, n_latents: int, k: int, d_out: int | None = 
 
 def parse_options(kind: str, options: dict, key: str = "options"):
     """The kind's typed Options from a config mapping; unknown keys fail with a suggestion."""
-    from framework.config import _build  # noqa: PLC0415
+    from framework.config import ConfigError, _build  # noqa: PLC0415
 
-    return _build(SAE_KINDS[kind].Options, options, key)
+    try:
+        return _build(SAE_KINDS[kind].Options, options, key)
+    except ConfigError as err:  # a kind's own checks say "options.x: ..."; name the SAE too
+        msg = str(err)
+        if key != "options" and msg.startswith("options."):
+            raise ConfigError(key + msg[len("options"):]) from None
+        raise
 from framework import variants  # noqa: E402,F401  (registers the research SAE kinds)

@@ -81,6 +81,8 @@ RUNS = [
     Run("vtopk", "vtopk"),
     Run("jumprelu", "jumprelu"),  # target L0 = k through the controller
     Run("jumprelu+tanh", "jumprelu", {"sparsity": "tanh"}),
+    Run("jumprelu+ste", "jumprelu", {"ste_to_input": True}),
+    Run("jumprelu+fast", "jumprelu", {"threshold_lr_scale": 5.0}),
 ]
 
 

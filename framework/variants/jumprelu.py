@@ -12,9 +12,12 @@ pre gets a's ordinary derivative (1 where active) and none through H, unless `st
 (Anthropic's variant) also passes the kernel term to pre (hence to the encoder).
 
 lambda is either fixed (`l0_coef`) or driven to a requested L0 (`target_l0`, default the
-config's `k`, so `k` means the same for JumpReLU as for TopK): after each optimizer step,
-log lambda += controller_rate * clip(log(L0 / target), -1, 1), L0 being the global batch's (the
-same on every rank, so replicas agree); log lambda is a buffer, so checkpoints carry it.
+config's `k`, so `k` means the same for JumpReLU as for TopK) by a PI controller in log space:
+after each optimizer step, with e = clip(log(L0 / target), -1, 1) and L0 the global batch's (the
+same on every rank, so replicas agree),
+    I += controller_rate * e,     log lambda = log coef_init + I + controller_gain * e.
+The proportional term reacts at once (the thresholds follow lambda only at the optimizer's
+pace, so a pure integral overshoots); I and log lambda are buffers, so checkpoints carry them.
 Setting both l0_coef and target_l0 is a config error.
 
 Fused-kernel training forward (nothing of size B x n is stored): the kernel selects every
@@ -109,9 +112,13 @@ class JumpReLUOptions:
     l0_coef: float = 0.0  # > 0: a fixed sparsity coefficient lambda (no controller) ...
     target_l0: float = 0.0  # ... else lambda adapts to reach this L0; 0 = the config's k
     coef_init: float = 0.0  # lambda at the start with the controller; 0 = 0.1 / target (lambda * L0 ~ 0.1 there)
-    controller_rate: float = 0.05  # log lambda += rate * clip(log(L0 / target_l0), -1, 1) per step
+    controller_rate: float = 0.02  # integral gain per step (see the module docstring)
+    controller_gain: float = 1.0  # proportional gain
     coef_warmup_steps: int = 0  # lambda ramps linearly from 0 over these steps (the controller waits)
     ste_to_input: bool = False  # also pass the kernel term to pre (Anthropic); False = DeepMind
+    # log theta = threshold_lr_scale * log_threshold: Adam moves a parameter by ~lr per step, so
+    # the thresholds move by ~scale * lr in log space per step (1 = Gemma Scope's parameterisation)
+    threshold_lr_scale: float = 1.0
     candidate_factor: int = 4  # the kernel's first width: factor * the target L0, widened as needed
     encoder_init_scale: float = 0.0  # encoder rows start at this norm; 0 = min(1, sqrt(d_in / n_latents))
 
@@ -128,8 +135,11 @@ class JumpReLUOptions:
                 "for the controller to reach (target_l0), not both")
         require(self.coef_init >= 0, "options.coef_init: must be >= 0 (0 = 0.1 / the target L0)")
         require(self.controller_rate > 0, "options.controller_rate: must be > 0")
+        require(self.controller_gain >= 0, "options.controller_gain: must be >= 0")
         require(self.coef_warmup_steps >= 0, "options.coef_warmup_steps: must be >= 0")
         require(self.candidate_factor >= 1, "options.candidate_factor: must be >= 1")
+        require(self.threshold_lr_scale > 0 and math.isfinite(self.threshold_lr_scale),
+                "options.threshold_lr_scale: must be a finite value > 0")
         require(self.encoder_init_scale >= 0, "options.encoder_init_scale: must be >= 0")
 
 
@@ -148,16 +158,25 @@ class JumpReLUSAE(TopKSAE):
         scale = o.encoder_init_scale or min(1.0, (d_in / n_latents) ** 0.5)
         with torch.no_grad():
             self.encoder_weight.mul_(scale / self.encoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(o.threshold_init or 1.0)))
-        self.register_buffer("log_coef", torch.tensor(math.log(o.l0_coef or o.coef_init or 0.1 / self.target_l0())))
+        self.log_threshold = nn.Parameter(torch.full((n_latents,), self._param_of(o.threshold_init or 1.0)))
+        self.log_coef_init = math.log(o.l0_coef or o.coef_init or 0.1 / self.target_l0())
+        self.register_buffer("log_coef", torch.tensor(self.log_coef_init))  # log lambda
+        self.register_buffer("coef_integral", torch.zeros(()))  # the controller's I
         self.register_buffer("coef_steps", torch.zeros((), dtype=torch.long))  # optimizer steps seen
         # the kernel width the last training batch needed (x1.5): usually no re-run. A buffer, so a
-        # resumed run uses the widths (and so the summation orders) of the uninterrupted one
+        # resumed run uses the widths (and so the summation orders) of the uninterrupted one; per
+        # rank (DDP broadcasts rank 0's at each forward; under ZeRO a resumed rank > 0 starts from
+        # rank 0's, which may change the rounding of its first steps)
         self.register_buffer("width_hint", torch.zeros((), dtype=torch.long))
 
     # -- state ----------------------------------------------------------------------------
     def threshold(self) -> torch.Tensor:
-        return self.log_threshold.exp()
+        return (self.options.threshold_lr_scale * self.log_threshold).exp()
+
+    def _param_of(self, theta):
+        """The parameter value for threshold(s) theta (float or tensor)."""
+        log = torch.log(theta) if torch.is_tensor(theta) else math.log(theta)
+        return log / self.options.threshold_lr_scale
 
     def coefficient(self) -> torch.Tensor:
         """lambda now (a 0-d tensor: no host sync), with the warm-up ramp."""
@@ -201,7 +220,8 @@ class JumpReLUSAE(TopKSAE):
         target = self.target_l0()
         if target > 0 and int(self.coef_steps) > o.coef_warmup_steps:
             err = torch.log(l0.to(self.log_coef).clamp_min(1e-6) / target).clamp(-1.0, 1.0)
-            self.log_coef += o.controller_rate * err
+            self.coef_integral += o.controller_rate * err
+            self.log_coef.copy_(self.log_coef_init + self.coef_integral + o.controller_gain * err)
 
     @torch.no_grad()
     def init_from_sample(self, x: torch.Tensor, y: torch.Tensor, normalize: bool, b_dec_init: str) -> None:
@@ -215,7 +235,7 @@ class JumpReLUSAE(TopKSAE):
                                       default_width(per_token, o.candidate_factor, self.n_latents))
         chosen = values[values > 0]
         if chosen.numel():  # the smallest selected value: pre > it fires per_token latents per token on average
-            self.log_threshold.fill_(chosen.min().log().item())
+            self.log_threshold.fill_(self._param_of(chosen.min().item()))
 
     # -- export -------------------------------------------------------------------------------
     def export_extra(self, input_scale: float, output_scale: float) -> dict[str, torch.Tensor]:
@@ -223,4 +243,4 @@ class JumpReLUSAE(TopKSAE):
         return {"threshold": self.threshold().detach().float() / output_scale}
 
     def load_export_extra(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.log_threshold.copy_(tensors.pop("threshold").to(self.log_threshold).log())
+        self.log_threshold.copy_(self._param_of(tensors.pop("threshold").to(self.log_threshold)))
