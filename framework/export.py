@@ -10,7 +10,7 @@ pre-activation; the codes shrink by it and the reconstruction with them.) A skip
 folds as W_skip' = W_skip * input_scale / output_scale, a threshold as threshold / output_scale.
 
 Transcoders export under the SAELens architecture that computes the same function
-(`transcoder_architecture`); where SAELens 6.54 has none (e.g. TopK + skip) the name is
+(`saelens_architecture`); where SAELens 6.54 has none (e.g. TopK + skip) the name is
 sparsemill's own, so SAELens refuses the folder instead of loading another function, and
 `load_exported` reads it. `export_circuit_tracer` writes circuit-tracer's transcoder-set
 layout (one `layer_<L>.safetensors` per layer + `config.yaml`) from such folders.
@@ -40,7 +40,7 @@ TRANSCODER_ARCHITECTURES = {
 }
 
 
-def transcoder_architecture(sae: TopKSAE) -> str:
+def saelens_architecture(sae: TopKSAE) -> str:
     """cfg.json's architecture. SAEs keep the kind's; transcoders without a SAELens match keep it
     too (SAELens then loads them only when d_out = d_in), with `_skip_transcoder` appended for a
     skip connection (a name SAELens does not know: it must not drop W_skip silently)."""
@@ -84,7 +84,7 @@ def export_sae(sae: TopKSAE, folder: Path, kind: str, metadata: dict, log10_dens
         save_file({"sparsity": log10_density.float().cpu().contiguous()}, str(tmp))
         os.replace(tmp, folder / SPARSITY_FILE)
     cfg = {
-        "architecture": transcoder_architecture(sae),
+        "architecture": saelens_architecture(sae),
         "d_in": sae.d_in,
         "d_sae": sae.n_latents,
         "k": sae.k,

@@ -85,6 +85,11 @@ class SAEBase(nn.Module):
     def renorm_decoder(self) -> None:
         self.decoder_weight /= self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def after_global_step(self, l0: torch.Tensor) -> None:
+        """Called (without grad) once per optimizer step with the global batch's mean L0 (a 0-d
+        tensor, summed over ranks and micro-batches, so equal on every rank): state that must
+        agree across ranks (JumpReLU's L0 controller) updates here, not in after_step."""
+
 
 @SAE_KINDS.register("topk")
 class TopKSAE(SAEBase):
@@ -129,11 +134,6 @@ class TopKSAE(SAEBase):
 
     def after_step(self, out: SAEOutput) -> None:
         """Called (without grad) after each optimizer step; e.g. running thresholds."""
-
-    def after_global_step(self, l0: torch.Tensor) -> None:
-        """Called (without grad) once per optimizer step with the global batch's mean L0 (a 0-d
-        tensor, summed over ranks and micro-batches, so equal on every rank): state that must
-        agree across ranks (JumpReLU's L0 controller) updates here, not in after_step."""
 
     def export_extra(self, input_scale: float, output_scale: float) -> dict[str, torch.Tensor]:
         """Tensors beyond W_enc/b_enc/W_dec/b_dec for the SAELens export, in raw units."""

@@ -297,7 +297,15 @@ def test_stop_and_resume_is_bitwise_equal_to_a_straight_run(tmp_path, text_dir, 
     assert {"sae.log_threshold", "sae.log_coef", "sae.coef_integral", "sae.coef_steps", "sae.width_hint"} <= set(state["j"])
     assert int(state["j"]["sae.coef_steps"]) == 14
     if layout is _skip_transcoder_run:
+        from framework.checkpoint import CheckpointError, export_checkpoint  # noqa: PLC0415
+
         assert all("sae.skip.weight" in state[s] and state[s]["sae.skip.weight"].abs().sum() > 0 for s in state)
+        for folder in export_checkpoint(tmp_path / "straight"):  # `sparsemill export` = the live export
+            live = load_file(str(tmp_path / "straight" / "export" / folder.name / export.WEIGHTS_FILE))
+            again = load_file(str(folder / export.WEIGHTS_FILE))
+            assert "W_skip" in again and set(live) == set(again) and all(torch.equal(live[k], again[k]) for k in live)
+        with pytest.raises(CheckpointError, match=r"saes\.1\.skip_connection: True -> False"):
+            train(load_config(path, [f"run_dir={tmp_path / 'straight'}", "saes.1.skip_connection=false"]))
 
 
 # ----------------------------------------------------------------------------- SAELens
