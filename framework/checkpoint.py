@@ -91,7 +91,9 @@ MUST_MATCH = ["model.name", "data.source", "data.paths", "data.text_field", "dat
               "data.context_size", "data.prepend_bos", "data.separator", "data.exclude_special_tokens",
               "data.llm_batch_size", "data.shuffle_files", "data.activations_dir", "train.batch_size",
               "train.buffer_tokens", "train.seed", "train.optimizer", "dist.latent_shards"]
-SAE_MUST_MATCH = ["name", "site", "output_site", "kind", "n_latents", "options"]
+SAE_MUST_MATCH = ["name", "site", "output_site", "kind", "n_latents", "options", "skip_connection"]
+# an SAE key a checkpoint's config lacks (added since it was written) compares as this default
+SAE_KEY_DEFAULTS = {"skip_connection": False}
 
 
 class InvalidCheckpoint(CheckpointError):
@@ -278,8 +280,9 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
         blocking.append(f"saes: {len(saved_saes)} SAEs in the checkpoint, {len(current_saes)} now")
     for i, (a, b) in enumerate(zip(saved_saes, current_saes)):
         for key in a.keys() | b.keys():
-            if a.get(key) != b.get(key):
-                (blocking if key in SAE_MUST_MATCH else harmless).append(f"saes.{i}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+            old, new = a.get(key, SAE_KEY_DEFAULTS.get(key)), b.get(key, SAE_KEY_DEFAULTS.get(key))
+            if old != new:
+                (blocking if key in SAE_MUST_MATCH else harmless).append(f"saes.{i}.{key}: {old!r} -> {new!r}")
     flat_a = _flatten({k: v for k, v in saved.items() if k not in ("saes", "run_dir")})
     flat_b = _flatten({k: v for k, v in current.items() if k not in ("saes", "run_dir")})
     for key in sorted(flat_a.keys() | flat_b.keys()):
@@ -663,7 +666,7 @@ def export_checkpoint(run_dir: Path, name: str | None = None, out: Path | None =
         n_latents, d_in = weights["encoder_weight"].shape
         transcoder = bool(s.output_site) and s.output_site != s.site
         sae = build_sae(s.kind, d_in, n_latents, s.k, d_out=weights["decoder_weight"].shape[1] if transcoder else None,
-                        options=s.options)
+                        options=s.options, skip_connection=s.skip_connection)
         sae.load_state_dict(weights)
         sae.eval()
         folders.append(export_sae(sae, out / s.name, s.kind, export_metadata(cfg, s, manifest["tokens"])))

@@ -1,5 +1,5 @@
 """Command line: `sparsemill train CONFIG.yaml [dotted.key=value ...]`, `sparsemill export RUN_DIR`,
-`sparsemill inspect RUN_DIR`."""
+`sparsemill inspect RUN_DIR`, `sparsemill circuit-tracer EXPORT_FOLDER... --out DIR`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import typing
 
 from framework.config import RunConfig, load_config
-from framework.errors import UserError
+from framework.errors import DataError, UserError
 
 DEBUG_ENV = "SPARSEMILL_DEBUG"  # =1: tracebacks for user errors too
 
@@ -75,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
                     "manifest's size and sha256), the layout that wrote them, and eval metrics when present.")
     p_inspect.add_argument("run_dir", help="run directory (holds checkpoints/)")
     p_inspect.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p_ct = sub.add_parser(
+        "circuit-tracer", help="write a circuit-tracer transcoder set from export folders", parents=[common],
+        description="Write circuit-tracer's transcoder-set layout (layer_<L>.safetensors + config.yaml) from the "
+                    "SAELens export folders of MLP transcoders (blocks.L.mlp_in -> blocks.L.mlp_out), one per layer "
+                    "from 0 up. Load it with circuit_tracer.utils.caching.load_transcoders_from_cache(NAME, "
+                    "cache_dir=PARENT) where --out is PARENT/NAME.")
+    p_ct.add_argument("folders", nargs="+", help="export folders, e.g. RUN_DIR/export/<sae>")
+    p_ct.add_argument("--out", required=True, help="output folder")
+    p_ct.add_argument("--scan", default="", help="circuit-tracer's scan name (default: the folder's name)")
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown or (extra and args.command != "train"):
@@ -82,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet or args.command != "train" else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    command = _train_command if args.command == "train" else _checkpoint_command
     try:
-        return command(args, extra)
+        return COMMANDS[args.command](args, extra)
     except UserError as err:
         if args.debug or os.environ.get(DEBUG_ENV) == "1":
             raise
@@ -125,6 +133,20 @@ def _checkpoint_command(args, extra: list[str]) -> int:
     for folder in checkpoint.export_checkpoint(args.run_dir, args.checkpoint, args.out):
         print(f"exported {folder}")
     return 0
+
+
+def _circuit_tracer_command(args, extra: list[str]) -> int:
+    from framework import export  # noqa: PLC0415
+
+    try:
+        print(f"wrote {export.export_circuit_tracer(args.folders, args.out, args.scan)}")
+    except (ValueError, FileNotFoundError) as err:
+        raise DataError(f"circuit-tracer export: {err}") from None
+    return 0
+
+
+COMMANDS = {"train": _train_command, "export": _checkpoint_command, "inspect": _checkpoint_command,
+            "circuit-tracer": _circuit_tracer_command}
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ class SAEConfig:
     normalize_activations: bool = True  # scale inputs so E||x||^2 = d_in; folded at export
     b_dec_init: str = "geometric_median"  # geometric_median | mean | zeros
     options: dict = field(default_factory=dict)  # the kind's own hyperparameters (see framework/sae.py)
+    # transcoders: add a linear skip x @ W_skip^T (W_skip [d_out, d_in], trained jointly); any kind
+    skip_connection: bool = False
 
 
 @dataclass
@@ -382,6 +384,11 @@ def validate(cfg: RunConfig) -> None:
         _check(s.dead_after_tokens > 0, f"{key}.dead_after_tokens: must be > 0")
         _check(s.lr >= 0, f"{key}.lr: must be >= 0")
         _choice(s.b_dec_init, {"geometric_median", "mean", "zeros"}, f"{key}.b_dec_init")
+        _check(not s.skip_connection or (s.output_site and s.output_site != s.site),
+               f"{key}.skip_connection: a skip connection maps the input site to a different output site, so it "
+               f"needs a transcoder ({key}.output_site set and different from {key}.site), not an SAE")
+        _check(not s.skip_connection or cfg.dist.latent_shards == 1,
+               f"{key}.skip_connection: not supported with dist.latent_shards > 1 (the latent shards do not hold W_skip)")
     lm_grad_saes = [s.name for s in cfg.saes if sae.SAE_KINDS[s.kind].needs_lm_grad]
     _check(t.grad_accumulation_steps == 1 or not lm_grad_saes,
            f"train.grad_accumulation_steps: {lm_grad_saes} take one LM-loss gradient per whole batch (set_grad), which "

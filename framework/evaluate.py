@@ -8,6 +8,9 @@ CE, KL(clean || spliced) and CE recovered against zero ablation. Splicing replac
 positions the reconstruction metrics use (`LLMSource.sae_positions`: not special, finite, not
 a norm outlier); the others keep their clean activation. CE and KL average over all predicted
 positions of the held-out sequences.
+Skip transcoders also report what their linear path alone
+(b_dec + x @ W_skip^T, every latent off) leaves unexplained: skip_fvu, and skip_explained =
+1 - skip_fvu, the fraction of the target's variance the skip explains.
 
 Latent-sharded SAEs are evaluated as they train, every rank of a shard group on the same
 tokens: the reconstruction is replicated, while the firing counts (and so L0) are each
@@ -45,6 +48,12 @@ class ReconstructionStats:
         self.cos = torch.zeros((), dtype=torch.float64, device=device)
         self.norm_ratio = torch.zeros((), dtype=torch.float64, device=device)
         self.fires = torch.zeros(n_latents, dtype=torch.long, device=device)  # L0 is their sum / tokens
+        self.linear_err: torch.Tensor | None = None  # skip transcoders: sum ||y - linear part||^2
+
+    def add_linear(self, y: torch.Tensor, y_linear: torch.Tensor) -> None:
+        """A skip transcoder's linear path alone (b_dec + x @ W_skip^T) on the same tokens."""
+        err = (y.double() - y_linear.double()).pow(2).sum()
+        self.linear_err = err if self.linear_err is None else self.linear_err + err
 
     def add(self, y: torch.Tensor, y_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
         y, y_hat = y.double(), y_hat.double()
@@ -60,11 +69,13 @@ class ReconstructionStats:
         """Sum every accumulator over ranks (each rank evaluated its own held-out shard of the
         tokens); the firing counts with `latent_reduce` (default: `reduce`), which also sums
         over latent shards."""
+        linear = self.err.new_zeros(1) if self.linear_err is None else self.linear_err.reshape(1)
         packed = torch.cat([self.err.reshape(1), self.sum_y2.reshape(1), self.cos.reshape(1), self.norm_ratio.reshape(1),
-                            self.err.new_tensor([self.tokens]), self.sum_y])
+                            self.err.new_tensor([self.tokens]), linear, self.sum_y])
         packed = reduce(packed)
         self.err, self.sum_y2, self.cos, self.norm_ratio = packed[:4]
-        self.tokens, self.sum_y = int(packed[4]), packed[5:]
+        self.tokens, self.sum_y = int(packed[4]), packed[6:]
+        self.linear_err = None if self.linear_err is None else packed[5]
         self.fires = (latent_reduce or reduce)(self.fires)
         return self
 
@@ -72,7 +83,7 @@ class ReconstructionStats:
         n = max(self.tokens, 1)
         total_var = self.sum_y2 - self.sum_y.pow(2).sum() / n  # sum ||y - mean||^2
         density = self.fires.double() / n
-        return {
+        out = {
             "fvu": (self.err / total_var.clamp_min(1e-30)).item(),
             "l0": (self.fires.sum().double() / n).item(),
             "dead_frac": (self.fires == 0).double().mean().item(),
@@ -81,6 +92,10 @@ class ReconstructionStats:
             "norm_ratio": (self.norm_ratio / n).item(),
             "eval_tokens": self.tokens,
         }
+        if self.linear_err is not None:
+            out["skip_fvu"] = (self.linear_err / total_var.clamp_min(1e-30)).item()
+            out["skip_explained"] = 1.0 - out["skip_fvu"]
+        return out
 
     def log10_density(self) -> torch.Tensor:
         return torch.log10(self.fires.double() / max(self.tokens, 1) + 1e-10)
@@ -113,6 +128,8 @@ def reconstruction_metrics(trainers: dict, source_batches: Iterable[dict], n_tok
                 y = sae.normalize_target(batch[tr.output_site][:take])
                 out = sae(x)
                 stats[name].add(y, out.x_hat, out.values, out.indices)
+                if sae.has_skip:
+                    stats[name].add_linear(y, sae.linear_part(x))
     return stats
 
 

@@ -6,7 +6,14 @@ activations to raw reconstructions with unit-norm decoder rows:
     W_enc' = W_enc * input_scale / output_scale,  b_enc' = b_enc / output_scale,
     b_dec' = b_dec / output_scale,                W_dec' = W_dec.
 (TopK selection is invariant to the positive factor 1/output_scale applied to every
-pre-activation; the codes shrink by it and the reconstruction with them.)
+pre-activation; the codes shrink by it and the reconstruction with them.) A skip connection
+folds as W_skip' = W_skip * input_scale / output_scale, a threshold as threshold / output_scale.
+
+Transcoders export under the SAELens architecture that computes the same function
+(`saelens_architecture`); where SAELens 6.54 has none (e.g. TopK + skip) the name is
+sparsemill's own, so SAELens refuses the folder instead of loading another function, and
+`load_exported` reads it. `export_circuit_tracer` writes circuit-tracer's transcoder-set
+layout (one `layer_<L>.safetensors` per layer + `config.yaml`) from such folders.
 """
 
 from __future__ import annotations
@@ -20,22 +27,51 @@ import torch
 from safetensors.torch import load_file, save
 
 from framework import durable
-from framework.sae import SAE_KINDS, TopKSAE, parse_options
+from framework.sae import SAE_KINDS, TopKSAE, parse_options, with_skip
 
 SAELENS_VERSION = "6.0.0"
 WEIGHTS_FILE, CONFIG_FILE, SPARSITY_FILE = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
+
+
+# (a kind's export_architecture, has a skip connection) -> a transcoder's SAELens 6.54 architecture,
+# where one computes the same function (SAELens' transcoder / skip_transcoder are ReLU: no kind here)
+TRANSCODER_ARCHITECTURES = {
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
+
+
+def saelens_architecture(sae: TopKSAE) -> str:
+    """cfg.json's architecture. SAEs keep the kind's; transcoders without a SAELens match keep it
+    too (SAELens then loads them only when d_out = d_in), with `_skip_transcoder` appended for a
+    skip connection (a name SAELens does not know: it must not drop W_skip silently)."""
+    if not sae.is_transcoder:
+        return sae.export_architecture
+    key = (sae.export_architecture, sae.has_skip)
+    return TRANSCODER_ARCHITECTURES.get(key, sae.export_architecture + ("_skip_transcoder" if sae.has_skip else ""))
 
 
 def folded_tensors(sae: TopKSAE) -> dict[str, torch.Tensor]:
     s_in, s_out = sae.input_scale.item(), sae.output_scale.item()
     w = sae.decoder_weight.detach()
     extra = {k: v.detach().float().cpu().contiguous() for k, v in sae.export_extra(s_in, s_out).items()}
+    if sae.has_skip:
+        extra["W_skip"] = (sae.skip.weight.detach() * (s_in / s_out)).float().cpu().contiguous()
     return extra | {
         "W_enc": (sae.encoder_weight.detach() * (s_in / s_out)).T.contiguous().float().cpu(),
         "b_enc": (sae.encoder_bias.detach() / s_out).float().cpu(),
         "W_dec": (w / w.norm(dim=1, keepdim=True)).contiguous().float().cpu(),
         "b_dec": (sae.b_dec.detach() / s_out).float().cpu(),
     }
+
+
+def _fresh_tmp_folder(final: Path) -> Path:
+    """An empty sibling of `final` to write an export into before it is published."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp_{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
 
 
 def export_sae(sae: TopKSAE, folder: Path, kind: str, metadata: dict, log10_density: torch.Tensor | None = None) -> Path:
@@ -46,15 +82,12 @@ def export_sae(sae: TopKSAE, folder: Path, kind: str, metadata: dict, log10_dens
         raise TypeError(f"export_sae needs a whole SAE, got a {type(sae).__name__}: gather latent shards first "
                         "(SAETrainer.evaluating(whole=True) or tensor_parallel.gather_full)")
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".tmp_{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _fresh_tmp_folder(folder)
     durable.write_file(tmp / WEIGHTS_FILE, save(folded_tensors(sae)))
     if log10_density is not None:
         durable.write_file(tmp / SPARSITY_FILE, save({"sparsity": log10_density.float().cpu().contiguous()}))
     cfg = {
-        "architecture": sae.export_architecture,
+        "architecture": saelens_architecture(sae),
         "d_in": sae.d_in,
         "d_sae": sae.n_latents,
         "k": sae.k,
@@ -63,7 +96,8 @@ def export_sae(sae: TopKSAE, folder: Path, kind: str, metadata: dict, log10_dens
         "apply_b_dec_to_input": not sae.is_transcoder,
         "normalize_activations": "none",
         "metadata": {"sae_lens_version": SAELENS_VERSION, "sparsemill_kind": kind,
-                     "sparsemill_options": dataclasses.asdict(sae.options), **metadata},
+                     "sparsemill_options": dataclasses.asdict(sae.options),
+                     "sparsemill_skip_connection": sae.has_skip, **metadata},
     }
     if sae.is_transcoder:
         cfg["d_out"] = sae.d_out
@@ -84,9 +118,10 @@ def load_exported(folder: str | Path) -> TopKSAE:
     if kind not in SAE_KINDS:
         raise ValueError(f"{folder / CONFIG_FILE}: unknown SAE kind '{kind}'; known: {sorted(SAE_KINDS)}")
     d_out = cfg.get("d_out")
-    sae = SAE_KINDS[kind](cfg["d_in"], cfg["d_sae"], cfg["k"], d_out=d_out,
-                          options=parse_options(kind, cfg.get("metadata", {}).get("sparsemill_options", {})))
-    expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | set(sae.export_extra(1.0, 1.0))
+    cls = with_skip(SAE_KINDS[kind]) if "W_skip" in tensors else SAE_KINDS[kind]
+    sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], d_out=d_out,
+              options=parse_options(kind, cfg.get("metadata", {}).get("sparsemill_options", {})))
+    expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | set(sae.export_extra(1.0, 1.0)) | ({"W_skip"} if sae.has_skip else set())
     if set(tensors) != expected:
         raise ValueError(f"{folder / WEIGHTS_FILE}: tensors {sorted(tensors)}, expected {sorted(expected)}")
     with torch.no_grad():
@@ -94,5 +129,110 @@ def load_exported(folder: str | Path) -> TopKSAE:
         sae.encoder_bias.copy_(tensors.pop("b_enc"))
         sae.decoder_weight.copy_(tensors.pop("W_dec"))
         sae.b_dec.copy_(tensors.pop("b_dec"))
+        if sae.has_skip:
+            sae.skip.weight.copy_(tensors.pop("W_skip"))
         sae.load_export_extra(tensors)
     return sae
+
+
+# ----------------------------------------------------------------------------- circuit-tracer
+
+# (our input site kind, output site kind) -> circuit-tracer's hooks inside a block: its
+# ReplacementModel wraps every MLP with hook_in (the MLP's input, after ln2: our mlp_in) and
+# hook_out (the MLP's output: our mlp_out), and replaces each layer's MLP by a transcoder
+CIRCUIT_TRACER_HOOKS = {("mlp_in", "mlp_out"): ("mlp.hook_in", "mlp.hook_out")}
+# export architectures whose inference circuit-tracer 0.5's file loader reproduces: it builds a
+# JumpReLU when `activation_function.threshold` is in the file, a ReLU otherwise (never TopK)
+CIRCUIT_TRACER_FILE_ACTIVATIONS = {"jumprelu"}
+CIRCUIT_TRACER_ACTIVATIONS = {"jumprelu", "topk"}  # in memory (circuit_tracer_set): TopK too
+CIRCUIT_TRACER_CONFIG = "config.yaml"
+
+
+def circuit_tracer_tensors(sae: TopKSAE) -> dict[str, torch.Tensor]:
+    """One layer's tensors in circuit-tracer's names and layouts (raw units): it computes
+    relu/JumpReLU(x @ W_enc^T + b_enc) @ W_dec + b_dec + x @ W_skip^T, so W_enc is [d_sae, d_in]
+    (transposed from SAELens') and no b_dec is subtracted from the input (transcoders only)."""
+    t = folded_tensors(sae)
+    out = {"W_enc": t["W_enc"].T.contiguous(), "W_dec": t["W_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"]}
+    if "W_skip" in t:
+        out["W_skip"] = t["W_skip"]
+    if "threshold" in t:
+        out["activation_function.threshold"] = t["threshold"]
+    return out
+
+
+def _circuit_tracer_layers(folders, file_format: bool) -> tuple[dict[int, TopKSAE], tuple[str, str], str]:
+    """layer -> transcoder (raw units) from our export folders, checked for what circuit-tracer
+    needs: MLP transcoders (mlp_in -> mlp_out of one layer, d_in = d_out), one per layer 0..L."""
+    from framework import hooks  # noqa: PLC0415
+
+    layers, hook_pairs, models = {}, set(), set()
+    for folder in map(Path, folders):
+        meta = json.loads((folder / CONFIG_FILE).read_text()).get("metadata", {})
+        sae = load_exported(folder)
+        if not sae.is_transcoder or sae.d_in != sae.d_out:
+            raise ValueError(f"{folder}: circuit-tracer replaces MLPs with transcoders of equal input and output "
+                             f"width; this is {'an SAE' if not sae.is_transcoder else f'{sae.d_in} -> {sae.d_out}'}")
+        arch = sae.export_architecture
+        if file_format and arch not in CIRCUIT_TRACER_FILE_ACTIVATIONS:
+            raise ValueError(f"{folder}: circuit-tracer 0.5's loader reads ReLU or JumpReLU transcoders only and would "
+                             f"load this '{arch}' one as a ReLU (another function); build it in memory with "
+                             "framework.export.circuit_tracer_set instead")
+        if arch not in CIRCUIT_TRACER_ACTIVATIONS or sae.use_abs:
+            raise ValueError(f"{folder}: circuit-tracer has no activation computing '{meta.get('sparsemill_kind')}'")
+        sites = [hooks.parse_site(meta.get(key) or "?", f"{folder}: metadata.{key}") for key in ("hook_name", "hook_name_out")]
+        pair = CIRCUIT_TRACER_HOOKS.get((sites[0].kind, sites[1].kind))
+        if pair is None or sites[0].layer != sites[1].layer:
+            raise ValueError(f"{folder}: circuit-tracer transcoders map one layer's MLP input to its output "
+                             f"({sorted(CIRCUIT_TRACER_HOOKS)}); this one maps {sites[0].name} -> {sites[1].name}")
+        if sites[0].layer in layers:
+            raise ValueError(f"{folder}: a second transcoder for layer {sites[0].layer}")
+        layers[sites[0].layer] = sae
+        hook_pairs.add(pair)
+        models.add(meta.get("model_name", ""))
+    missing = sorted(set(range(max(layers, default=-1) + 1)) - set(layers))
+    if not layers or missing:
+        raise ValueError(f"circuit-tracer needs a transcoder for every layer from 0 up: missing layers {missing or [0]}")
+    if len(models) > 1:
+        raise ValueError(f"transcoders of different models: {sorted(models)}")
+    return layers, hook_pairs.pop(), models.pop()
+
+
+def export_circuit_tracer(folders, out: str | Path, scan: str = "") -> Path:
+    """circuit-tracer's transcoder-set folder from our SAELens export folders (one per layer):
+    `layer_<L>.safetensors` + `config.yaml` (model_kind transcoder_set, hooks, model name), the
+    layout its cache loader reads: `load_transcoders_from_cache(name, cache_dir=parent)`; each
+    file alone loads with `load_relu_transcoder(path, layer)`."""
+    import yaml  # noqa: PLC0415
+
+    layers, (hook_in, hook_out), model_name = _circuit_tracer_layers(folders, file_format=True)
+    out = Path(out)
+    tmp = _fresh_tmp_folder(out)
+    for layer, sae in sorted(layers.items()):
+        durable.write_file(tmp / f"layer_{layer}.safetensors", save(circuit_tracer_tensors(sae)))
+    config = {"model_kind": "transcoder_set", "model_name": model_name, "feature_input_hook": hook_in,
+              "feature_output_hook": hook_out, "scan": scan or out.name}
+    durable.write_file(tmp / CIRCUIT_TRACER_CONFIG, yaml.safe_dump(config, sort_keys=False).encode())
+    durable.publish_folder(tmp, out)
+    return out
+
+
+def circuit_tracer_set(folders, scan: str = "", device: str = "cpu"):
+    """Our export folders as a circuit-tracer `TranscoderSet` in memory (needs circuit-tracer).
+    JumpReLU kinds as its loader would build them; TopK kinds too, which its file loader cannot
+    express: circuit-tracer's TopK(k) followed by a ReLU, as our TopK zeroes non-positive values."""
+    from circuit_tracer.transcoder.activation_functions import JumpReLU, TopK  # noqa: PLC0415
+    from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+
+    layers, (hook_in, hook_out), _ = _circuit_tracer_layers(folders, file_format=False)
+    built = {}
+    for layer, sae in layers.items():
+        tensors = circuit_tracer_tensors(sae)
+        threshold = tensors.get("activation_function.threshold")
+        act = JumpReLU(threshold.clone()) if threshold is not None else nn.Sequential(TopK(sae.k), nn.ReLU())
+        tc = SingleLayerTranscoder(sae.d_in, sae.n_latents, act, layer, skip_connection="W_skip" in tensors,
+                                   device=torch.device(device), dtype=torch.float32)
+        tc.load_state_dict(tensors)
+        built[layer] = tc
+    return TranscoderSet(built, feature_input_hook=hook_in, feature_output_hook=hook_out, scan=scan or None)

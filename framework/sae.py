@@ -4,6 +4,9 @@ The module works in normalised units: inputs are multiplied by `input_scale` (so
 E||x||^2 = d_in) and targets by `output_scale`; `export.py` folds both constants back into
 the weights. Decoder rows are kept at unit norm (the trainer projects their gradient and
 `renorm_decoder` corrects the curvature after each step).
+
+Any transcoder kind can carry a linear skip connection (`build_sae(..., skip_connection=True)`,
+config `saes.N.skip_connection`): `with_skip(cls)` derives the kind's skip variant.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -38,6 +42,7 @@ class SAEBase(nn.Module):
     parameters, the normalisation units and the unit-norm decoder constraint."""
 
     needs_lm_grad = False  # capability: the step needs d(LM loss)/d(activation) (gsae)
+    has_skip = False  # True for the with_skip() variants
 
     def _make_parameters(self, n_rows: int, d_in: int, d_out: int, is_transcoder: bool, g: torch.Generator,
                          dtype: torch.dtype = torch.float32, device=None) -> None:
@@ -80,6 +85,11 @@ class SAEBase(nn.Module):
     @torch.no_grad()
     def renorm_decoder(self) -> None:
         self.decoder_weight /= self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def after_global_step(self, l0: torch.Tensor) -> None:
+        """Called (without grad) once per optimizer step with the global batch's mean L0 (a 0-d
+        tensor, summed over ranks and micro-batches, so equal on every rank): state that must
+        agree across ranks (JumpReLU's L0 controller) updates here, not in after_step."""
 
 
 @SAE_KINDS.register("topk")
@@ -141,6 +151,66 @@ class AbsTopKSAE(TopKSAE):
     use_abs = True
 
 
+class SkipConnection(nn.Module):
+    """A linear map from the input site to the output site: x @ weight^T, weight [d_out, d_in]
+    (the layout SAELens and circuit-tracer store as W_skip). Starts at zero, so a skip
+    transcoder starts as the same function as the plain one."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_out, d_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class SkipTranscoder:
+    """Mixin (see `with_skip`) adding a jointly trained linear skip to a transcoder kind:
+    x_hat = the kind's reconstruction + x @ W_skip^T. The skip sits with b_dec: while the kind's
+    forward runs, every `decode(..., with_bias=True)` adds it, so the kind's own terms that
+    reconstruct the target (Matryoshka's prefixes) include it, and those that decode without
+    the bias (AuxK, aux_zipf) leave it out, as they leave out b_dec. `decode` called outside
+    a forward has no input, hence no skip. The decoder-norm constraint concerns W_dec only."""
+
+    has_skip = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.is_transcoder:
+            from framework.config import ConfigError  # noqa: PLC0415
+
+            raise ConfigError("skip_connection: a skip connection maps the input site to a different output site; "
+                              "it needs a transcoder (set output_site), not an SAE")
+        self.skip = SkipConnection(self.d_in, self.d_out)
+        self._skip_out: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> SAEOutput:
+        self._skip_out = self.skip(x)
+        try:
+            return super().forward(x, *args, **kwargs)
+        finally:
+            self._skip_out = None
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        out = super().decode(values, indices, with_bias=with_bias)
+        return out + self._skip_out.to(out.dtype) if with_bias and self._skip_out is not None else out
+
+    def linear_part(self, x: torch.Tensor) -> torch.Tensor:
+        """The transcoder with every latent off: b_dec + x @ W_skip^T (normalised units)."""
+        return self.skip(x) + self.b_dec
+
+
+_SKIP_VARIANTS: dict[type, type] = {}
+
+
+def with_skip(cls: type) -> type:
+    """The skip-connection variant of an SAE kind (one class per kind, made once)."""
+    if cls not in _SKIP_VARIANTS:
+        _SKIP_VARIANTS[cls] = type(f"Skip{cls.__name__}", (SkipTranscoder, cls),
+                                   {"__doc__": f"{cls.__name__} with a linear skip connection (SkipTranscoder)."})
+    return _SKIP_VARIANTS[cls]
+
+
 def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
     points = points.double()
@@ -164,14 +234,20 @@ B_DEC_INIT = {
 
 
 def build_sae(kind: str, d_in: int, n_latents: int, k: int, d_out: int | None = None, seed: int = 0,
-              options: dict | None = None) -> TopKSAE:
-    cls = SAE_KINDS[kind]
+              options: dict | None = None, skip_connection: bool = False) -> TopKSAE:
+    cls = with_skip(SAE_KINDS[kind]) if skip_connection else SAE_KINDS[kind]
     return cls(d_in, n_latents, k, d_out=d_out, seed=seed, options=parse_options(kind, options or {}))
 
 
 def parse_options(kind: str, options: dict, key: str = "options"):
     """The kind's typed Options from a config mapping; unknown keys fail with a suggestion."""
-    from framework.config import _build  # noqa: PLC0415
+    from framework.config import ConfigError, _build  # noqa: PLC0415
 
-    return _build(SAE_KINDS[kind].Options, options, key)
+    try:
+        return _build(SAE_KINDS[kind].Options, options, key)
+    except ConfigError as err:  # a kind's own checks say "options.x: ..."; name the SAE too
+        msg = str(err)
+        if key != "options" and msg.startswith("options."):
+            raise ConfigError(key + msg[len("options"):]) from None
+        raise
 from framework import variants  # noqa: E402,F401  (registers the research SAE kinds)

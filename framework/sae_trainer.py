@@ -116,7 +116,8 @@ class SAETrainer:
         self.input_site, self.output_site = input_site, output_site  # keys of the activation batches
         d_in = dims[input_site]
         d_out = dims[output_site] if output_site != input_site else None
-        sae = build_sae(cfg.kind, d_in, cfg.n_latents, cfg.k, d_out=d_out, seed=seed, options=cfg.options)
+        sae = build_sae(cfg.kind, d_in, cfg.n_latents, cfg.k, d_out=d_out, seed=seed, options=cfg.options,
+                        skip_connection=cfg.skip_connection)
         self.latent_shards = engine.latent_shards if engine is not None else 1
         if self.latent_shards > 1:  # this rank's rows of the same initial SAE
             sae = tensor_parallel.from_full(sae, group=engine.tp_group)
@@ -181,6 +182,7 @@ class SAETrainer:
             for out in outs:
                 self.sae.after_step(out)
         l0 = self._count_firing(fired, x_raw.shape[0])
+        self.sae.after_global_step(l0)
         self.step_count += 1
         metrics = StepMetrics(*losses, l0 / self.world, grad_norm.to(losses.device) / self.world)
         for name, value in vars(metrics).items():
@@ -229,7 +231,8 @@ class SAETrainer:
         with runner.gathered():
             state = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
         copy = build_sae(self.cfg.kind, self.sae.d_in, self.cfg.n_latents, self.cfg.k,
-                         d_out=self.sae.d_out if self.sae.is_transcoder else None, options=self.cfg.options)
+                         d_out=self.sae.d_out if self.sae.is_transcoder else None, options=self.cfg.options,
+                         skip_connection=self.cfg.skip_connection)
         copy.load_state_dict(state)
         return copy.to(self.tokens_since_fired.device)
 

@@ -22,6 +22,11 @@ pip_install() { "$PYTHON" -m pip install --disable-pip-version-check -q -c const
 # torch first: deepspeed's source build imports it.
 pip_install torch==2.13.0
 pip_install -e ".[test]"
+# circuit-tracer 0.5.0 (the export tests load our transcoders with it) declares transformers<=4.57.3
+# and huggingface-hub<1.0, which the pins above exclude; the parts the tests use (transcoder
+# loaders, TransformerLens replacement model, attribution) run with the pinned versions, and
+# what they import comes with sae-lens: install it without its declared dependencies.
+pip_install --no-deps circuit-tracer==0.5.0
 
 # The linter shellcheck checks the launch scripts in the tests (Debian package; skipped without root).
 if ! command -v shellcheck >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -79,6 +79,10 @@ RUNS = [
     Run("matryoshka", "matryoshka"),
     Run("matryoshka+batchtopk", "matryoshka", {"selection": "batchtopk"}),
     Run("vtopk", "vtopk"),
+    Run("jumprelu", "jumprelu"),  # target L0 = k through the controller
+    Run("jumprelu+tanh", "jumprelu", {"sparsity": "tanh"}),
+    Run("jumprelu+ste", "jumprelu", {"ste_to_input": True}),
+    Run("jumprelu+fast", "jumprelu", {"threshold_lr_scale": 5.0}),
 ]
 
 

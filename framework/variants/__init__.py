@@ -7,7 +7,8 @@ framework.sae.SAE_KINDS (math of every kind: README.md in this folder).
     mpsae                                       (mpsae.py)
     matryoshka                                  (matryoshka.py)
     vtopk                                       (vtopk.py)
+    jumprelu                                    (jumprelu.py)
 """
 
-from framework.variants import choice, gsae, matryoshka, mpsae, topafa, vtopk  # noqa: F401  (registration)
+from framework.variants import choice, gsae, jumprelu, matryoshka, mpsae, topafa, vtopk  # noqa: F401  (registration)
 from framework.variants.gsae import grad_key, lm_activation_grads  # noqa: F401

@@ -104,19 +104,27 @@ def batch_topk_select(x, encoder_weight, encoder_bias, offset, per_token: int, s
     return compact(values, indices, keep)
 
 
-def threshold_select(x, encoder_weight, encoder_bias, offset, threshold: torch.Tensor, start_width: int):
-    """All latents with pre > threshold (threshold >= 0, scalar or [n_latents]): the kernel
-    selects by pre - threshold (bias shifted), values get the threshold added back. Exact: the
-    width doubles until some candidate of every row is below its threshold."""
-    B, n = x.shape[0], encoder_weight.shape[0]
-    theta = threshold.to(encoder_bias.dtype).clamp_min(0).expand(n)
+def select_above(x, encoder_weight, encoder_bias, offset, cut: torch.Tensor, start_width: int):
+    """Every (token, latent) with pre > cut (scalar or [n_latents], any sign): the kernel
+    selects by pre - cut (bias shifted). Exact: the width doubles until some candidate of every
+    row is not above its cut. Returns (pre - cut [B, w], indices [B, w], keep [B, w]);
+    gradient flows through the kept entries only."""
+    n = encoder_weight.shape[0]
+    cut = cut.to(encoder_bias.dtype).expand(n)
     width = max(1, min(n, start_width))
     while True:
-        shifted, indices = kernels.topk_encode(x, encoder_weight, encoder_bias - theta, offset, width)
+        shifted, indices = kernels.topk_encode(x, encoder_weight, encoder_bias - cut, offset, width)
         keep = shifted.detach() > 0
         if width >= n or not bool(keep.all(1).any()):
-            break
+            return shifted, indices, keep
         width = min(n, 2 * width)
+
+
+def threshold_select(x, encoder_weight, encoder_bias, offset, threshold: torch.Tensor, start_width: int):
+    """All latents with pre > threshold (threshold >= 0, scalar or [n_latents]), values with
+    the threshold added back (a JumpReLU forward), left-packed."""
+    theta = threshold.to(encoder_bias.dtype).clamp_min(0).expand(encoder_weight.shape[0])
+    shifted, indices, keep = select_above(x, encoder_weight, encoder_bias, offset, theta, start_width)
     return compact(shifted + theta[indices], indices, keep)
 
 
@@ -295,6 +303,6 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["VariantSAE", "batch_topk_select", "threshold_select", "feature_topm_select", "compact", "coalesce",
+__all__ = ["VariantSAE", "batch_topk_select", "select_above", "threshold_select", "feature_topm_select", "compact", "coalesce",
            "rows_from_pairs", "RunningThreshold", "DensityTracker", "zipf_underused", "aux_residual_loss",
            "normalized_mse", "require", "default_width", "ceil_div"]
