@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -70,7 +71,8 @@ class Spec:
     num_warps: int
     num_stages: int
     target: int
-    note: str = field(default="", compare=False)
+    note: str = field(default="", compare=False)  # the first launch that needs this binary
+    uses: tuple = field(default=(), compare=False)  # every launch that needs it
 
     @property
     def mode(self) -> str:
@@ -158,6 +160,13 @@ def launch_specs(targets=TARGETS, presets=PRESETS, kernels=None) -> list[Spec]:
     """Every distinct binary of the presets' launches (first occurrence's note kept)."""
     T = _ops()
     specs: dict[tuple, Spec] = {}
+    uses: dict[tuple, list] = {}
+
+    def add(s):
+        key = _binary_key(T, s)
+        specs.setdefault(key, s)
+        uses.setdefault(key, []).append(s.note)
+
     for target in targets:
         for p in presets:
             widths = [(k, p.n, f"{p.name} k={k}") for k in p.ks]
@@ -166,10 +175,10 @@ def launch_specs(targets=TARGETS, presets=PRESETS, kernels=None) -> list[Spec]:
             for k, n, note in widths:
                 for dtype, precision in COMPUTE_MODES:
                     for s in _encode_specs(T, target, p, k, n, dtype, precision, note):
-                        specs.setdefault(_binary_key(T, s), s)
+                        add(s)
                 for s in _sparse_specs(T, target, p, k, note):
-                    specs.setdefault(_binary_key(T, s), s)
-    out = list(specs.values())
+                    add(s)
+    out = [dataclasses.replace(s, uses=tuple(dict.fromkeys(uses[key]))) for key, s in specs.items()]
     if kernels:
         out = [s for s in out if any(name in s.kernel for name in kernels)]
     return out
@@ -234,8 +243,9 @@ def compile_spec(spec: Spec) -> dict:
     T = _ops()
     fn = getattr(T, spec.kernel)
     sig, consts, attrs = _signature(fn, spec)
+    more = f" (+{len(spec.uses) - 1} more)" if len(spec.uses) > 1 else ""
     row = {"kernel": spec.kernel.strip("_").removesuffix("_kernel"), "config": spec.label,
-           "target": f"sm_{spec.target}", "note": spec.note}
+           "target": f"sm_{spec.target}", "note": spec.note + more}
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
@@ -298,7 +308,7 @@ def limit_of(target: str) -> int:
 def print_rows(rows: list[dict]) -> None:
     from kernels.benchmarks.common import print_table  # noqa: PLC0415
 
-    headers = ["kernel", "config", "target", "regs", "spills", "smem", "insn", "s", "first use"]
+    headers = ["kernel", "config", "target", "regs", "spills", "smem", "insn", "s", "needed by"]
     table = []
     for r in sorted(rows, key=lambda r: (r["target"], r["kernel"], r["config"])):
         if "error" in r:
@@ -309,17 +319,39 @@ def print_rows(rows: list[dict]) -> None:
     print_table(headers, table)
 
 
+def print_summary(rows: list[dict]) -> None:
+    """One line per (kernel, mode, target): binaries, worst registers / spills / shared memory."""
+    from kernels.benchmarks.common import print_table  # noqa: PLC0415
+
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        mode = r["config"].split()[-1]
+        groups.setdefault((r["kernel"], mode, r["target"]), []).append(r)
+    table = []
+    for (kernel, mode, target), rs in sorted(groups.items()):
+        ok = [r for r in rs if "error" not in r]
+        table.append([kernel, mode, target, len(rs), len(rs) - len(ok), max((r["regs"] for r in ok), default="-"),
+                      max((r["spills"] for r in ok), default="-"), max((r["smem"] for r in ok), default="-"),
+                      limit_of(target), "/".join(sorted({r["insn"] for r in ok}))])
+    print_table(["kernel", "mode", "target", "binaries", "errors", "max regs", "max spills", "max smem", "smem limit",
+                 "insn"], table)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)))
     ap.add_argument("--kernels", default="", help="comma-separated substrings of kernel names")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--summary", action="store_true", help="also print one line per kernel, mode and target")
     args = ap.parse_args(argv)
     specs = launch_specs(tuple(int(t) for t in args.targets.split(",")),
                          kernels=[k for k in args.kernels.split(",") if k] or None)
     t0 = time.perf_counter()
     rows = compile_all(specs, args.workers)
     print_rows(rows)
+    if args.summary:
+        print()
+        print_summary(rows)
     bad = [r for r in rows if "error" in r or r["spills"] != 0 or r["smem"] > limit_of(r["target"])]
     print(f"\n{len(rows)} binaries in {time.perf_counter() - t0:.0f} s ({os.cpu_count()} cores); {len(bad)} bad")
     return 1 if bad else 0

@@ -287,8 +287,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # read when triton / the kernels are imported
-        if "triton" in sys.modules:
-            raise RuntimeError("--dry-run must set TRITON_INTERPRET before triton is imported")
+        ops = sys.modules.get("kernels.triton_ops")
+        if ops is not None and not ops.INTERPRET:
+            raise RuntimeError("--dry-run must set TRITON_INTERPRET before kernels.triton_ops is imported")
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --dry-run for the CPU interpreter check)")
