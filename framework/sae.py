@@ -42,6 +42,7 @@ class SAEBase(nn.Module):
     parameters, the normalisation units and the unit-norm decoder constraint."""
 
     needs_lm_grad = False  # capability: the step needs d(LM loss)/d(activation) (gsae)
+    variable_l0 = False  # capability: the number of active latents varies per token (else at most k)
     has_skip = False  # True for the with_skip() variants
 
     def _make_parameters(self, n_rows: int, d_in: int, d_out: int, is_transcoder: bool, g: torch.Generator,

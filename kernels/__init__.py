@@ -6,6 +6,6 @@
 
 SPARSEMILL_KERNELS = True  # marker: lets framework/ detect a foreign package named `kernels`
 
-from kernels.dispatch import sparse_decode, topk_encode  # noqa: E402
+from kernels.dispatch import encode_at, sparse_decode, topk_encode  # noqa: E402
 
-__all__ = ["topk_encode", "sparse_decode", "SPARSEMILL_KERNELS"]
+__all__ = ["topk_encode", "encode_at", "sparse_decode", "SPARSEMILL_KERNELS"]

@@ -280,6 +280,22 @@ class TopKEncode(torch.autograd.Function):
         return grad_x, grad_w, grad_benc if need_benc else None, grad_bdec, None, None, None, None
 
 
+class EncodeAt(torch.autograd.Function):
+    """TopKEncode's values and backward at a selection made elsewhere (indices given)."""
+
+    @staticmethod
+    def forward(ctx, x, encoder_weight, encoder_bias, b_dec, indices, use_abs):
+        x_centered = x - b_dec
+        pre = gather_dot(indices, encoder_weight, x_centered) + encoder_bias[indices]
+        live = torch.ones_like(pre, dtype=torch.bool) if use_abs else pre > 0
+        ctx.save_for_backward(x_centered, encoder_weight, indices, live)
+        return torch.where(live, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        return (*TopKEncode.backward(ctx, grad_values, None)[:4], None, None)
+
+
 class SparseDecode(torch.autograd.Function):
     """x_hat = sum_j values[:, j] * W_dec[indices[:, j]]; gradients only at selected rows."""
 
@@ -311,6 +327,10 @@ def topk_encode(
     chunk_size: int = DEFAULT_LATENT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return TopKEncode.apply(x, encoder_weight, encoder_bias, b_dec, k, use_abs, latent_mask, chunk_size)
+
+
+def encode_at(x, encoder_weight, encoder_bias, b_dec, indices, *, use_abs: bool = False) -> torch.Tensor:
+    return EncodeAt.apply(x, encoder_weight, encoder_bias, b_dec, indices, use_abs)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:

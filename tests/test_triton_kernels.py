@@ -148,6 +148,10 @@ ENCODE_CASES = [
 
 @pytest.mark.parametrize("B,d,n,k,use_abs,n_allowed,deterministic", ENCODE_CASES)
 def test_topk_encode_matches_references(B, d, n, k, use_abs, n_allowed, deterministic):
+    _assert_encode_matches_references(B, d, n, k, use_abs, n_allowed, deterministic)
+
+
+def _assert_encode_matches_references(B, d, n, k, use_abs, n_allowed, deterministic):
     inputs = _inputs(B, d, n, seed=B * 1000 + n + k)
     mask = None
     if n_allowed is not None:
@@ -184,6 +188,154 @@ def test_many_splits_and_short_splits():
         values, idx, live = T.encode_forward(xc, inputs[1], inputs[2], k, False, None, split_len=split_len)
         _check_topk(values, idx, _dense_pre(*inputs), k, False, None, tol=1e-5)
         assert torch.equal(live, values != 0)
+
+
+@pytest.fixture
+def short_lists(monkeypatch):
+    """Lists of 16 per split: k > 16 takes the large-k path at interpreter-sized shapes."""
+    monkeypatch.setattr(T, "KP_MAX", 16)
+    monkeypatch.setattr(T, "LARGE_KS", 16)
+
+
+LARGE_CASES = [
+    # B, d, n, k, use_abs, n_allowed, deterministic: k > KP_MAX, k = n (threshold widening), masks
+    (11, 24, 150, 40, False, None, False),
+    (9, 20, 70, 70, True, None, True),
+    (10, 24, 120, 33, True, 50, False),
+    (8, 17, 90, 30, False, 20, True),  # fewer allowed latents than k
+]
+
+
+@pytest.mark.parametrize("B,d,n,k,use_abs,n_allowed,deterministic", LARGE_CASES)
+def test_large_k_path_matches_references(short_lists, B, d, n, k, use_abs, n_allowed, deterministic):
+    _assert_encode_matches_references(B, d, n, k, use_abs, n_allowed, deterministic)
+
+
+def test_large_k_reruns_rows_a_split_may_hide(short_lists, monkeypatch):
+    """When one split holds more of a row's top k than its list keeps (here every top latent
+    sits in the first split), the first pass cannot be exact: those rows are re-run with
+    shorter splits, and the result is the exact top k."""
+    B, d, n, k = 6, 16, 150, 40
+    x, W, b_enc, b_dec = _inputs(B, d, n, seed=21)
+    b_enc = b_enc.clone()
+    b_enc[:k] += 20.0  # the k best latents of every row: 0..k-1, all in the first split(s)
+    passes = []
+    tiles = T._tile_candidates
+    monkeypatch.setattr(T, "_tile_candidates", lambda xc, *a: passes.append(xc.shape[0]) or tiles(xc, *a))
+    xc = (x - b_dec).contiguous()
+    values, idx, live = T.encode_forward(xc, W, b_enc, k)
+    assert len(passes) >= 2 and passes[0] == B, passes  # a re-run happened
+    assert torch.equal(idx.sort(1).values, torch.arange(k).expand(B, k))
+    _check_topk(values, idx, _dense_pre(x, W, b_enc, b_dec), k, False, None, tol=1e-5)
+
+
+def test_large_split_len_holds_enough_candidates():
+    for n, k, ks in [(150, 40, 16), (65536, 2048, 128), (300, 200, 128), (4096, 4096, 128), (129, 129, 128)]:
+        split = T.large_split_len(n, k, ks)
+        assert split >= ks and -(-n // split) * ks >= k, (n, k, split)
+
+
+def _rounded(t, dtype=torch.bfloat16):
+    return t.to(dtype).double()
+
+
+def test_bf16_compute_selects_the_top_k_of_rounded_operands():
+    """compute_dtype=bf16 with fp32 tensors: the matmul sees bf16-rounded x - b_dec and W_enc
+    (tensor cores on GPU), accumulates in fp32; values stay fp32, gradients use the fp32
+    masters. Selection and values match float64 of the rounded operands; AbsTopK keeps signs."""
+    B, d, n, k = 9, 40, 70, 6
+    inputs = _inputs(B, d, n, seed=31)
+    x, W, b_enc, b_dec = inputs
+    pre = _rounded(x - b_dec) @ _rounded(W).T + b_enc.double()
+    for use_abs in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        values, idx = T.topk_encode(*leaves, k, use_abs=use_abs, compute_dtype=torch.bfloat16)
+        assert values.dtype == torch.float32
+        _check_topk(values.detach(), idx, pre, k, use_abs, None, tol=1e-5)
+        if use_abs:
+            picked = pre.gather(1, idx)
+            assert ((values < 0) == (picked < 0) & (values != 0)).all(), "AbsTopK lost a sign in bf16"
+        upstream = torch.randn(values.shape, generator=torch.Generator().manual_seed(1))
+        (values * upstream).sum().backward()
+        for mine, oracle in zip((t.grad for t in leaves), _oracle_grads(*inputs, idx, upstream, use_abs, None)):
+            assert mine.dtype == torch.float32
+            torch.testing.assert_close(mine.double(), oracle, atol=2e-5, rtol=1e-4)
+
+
+def test_bf16_compute_ties_are_valid():
+    """Rounding to bf16 creates exact ties (here duplicated rows); any tied latent may win,
+    indices stay distinct and gradients follow the chosen ones."""
+    B, d, n, k = 7, 16, 40, 6
+    x, W, b_enc, b_dec = _inputs(B, d, n, seed=12)
+    W = W[torch.arange(n) % 5].contiguous()
+    b_enc = b_enc[torch.arange(n) % 5].contiguous()
+    inputs = [x, W, b_enc, b_dec]
+    pre = _rounded(x - b_dec) @ _rounded(W).T + b_enc.double()
+    for use_abs in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        values, idx = T.topk_encode(*leaves, k, use_abs=use_abs, compute_dtype=torch.bfloat16, deterministic=True)
+        _check_topk(values.detach(), idx, pre, k, use_abs, None, tol=1e-5)
+        upstream = torch.randn(values.shape, generator=torch.Generator().manual_seed(2))
+        (values * upstream).sum().backward()
+        for mine, oracle in zip((t.grad for t in leaves), _oracle_grads(*inputs, idx, upstream, use_abs, None)):
+            torch.testing.assert_close(mine.double(), oracle, atol=2e-5, rtol=1e-4)
+
+
+def test_autocast_reaches_the_kernels(monkeypatch):
+    """train.autocast wraps the objective in torch.autocast: the dispatch hands its dtype to the
+    kernel as the matmul operands' dtype (autocast does not reach custom autograd Functions)."""
+    monkeypatch.setattr(dispatch, "_triton_backend", lambda: T)
+    seen = []
+    forward = T.encode_forward
+    monkeypatch.setattr(T, "encode_forward", lambda xc, w, *a, **kw: seen.append((xc.dtype, w.dtype)) or
+                        forward(xc, w, *a, **kw))
+    x, W, b_enc, b_dec = _inputs(6, 16, 30, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v_auto, i_auto = dispatch.topk_encode(x, W, b_enc, b_dec, 3)
+    v_fp32, _ = dispatch.topk_encode(x, W, b_enc, b_dec, 3)
+    v_bf16, i_bf16 = dispatch.topk_encode(x, W, b_enc, b_dec, 3, compute_dtype=torch.bfloat16)
+    assert seen == [(torch.bfloat16,) * 2, (torch.float32,) * 2, (torch.bfloat16,) * 2]
+    assert v_auto.dtype == torch.float32
+    assert torch.equal(v_auto, v_bf16) and torch.equal(i_auto, i_bf16)  # the same computation
+
+
+def test_encode_at_matches_reference():
+    B, d, n, k = 9, 21, 40, 5
+    inputs = _inputs(B, d, n, seed=17)
+    idx = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(r))[:k] for r in range(B)])
+    grads = []
+    for op in (T.encode_at, ref.encode_at):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = op(*leaves, idx)
+        (out * torch.linspace(-1, 1, k)).sum().backward()
+        grads.append((out.detach(), *(t.grad for t in leaves)))
+    for mine, theirs in zip(*grads):
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4)
+
+
+def test_gsae_runs_on_the_kernels(monkeypatch):
+    """g-SAE's gradient-weighted selection is followed by kernels.encode_at (no reference
+    primitives): under the interpreter dispatch it runs the Triton kernels, and matches the
+    explicit PyTorch backend."""
+    from framework.variants.gsae import GradientSAE  # noqa: PLC0415
+
+    monkeypatch.setattr(dispatch, "_triton_backend", lambda: T)
+    calls = []
+    encode_at = T.encode_at
+    monkeypatch.setattr(T, "encode_at", lambda *a, **kw: calls.append(1) or encode_at(*a, **kw))
+    sae = GradientSAE(16, 48, 4, seed=3).train()
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(10, 16, generator=torch.Generator().manual_seed(2))
+    results = []
+    for backend in ("auto", "torch"):
+        monkeypatch.setenv("SPARSEMILL_KERNELS", backend)
+        sae.zero_grad()
+        out = sae(x, grad=grad)
+        out.x_hat.pow(2).sum().backward()
+        results.append((out.x_hat.detach(), sae.encoder_weight.grad.clone(), sae.decoder_weight.grad.clone()))
+    assert calls == [1]
+    for mine, theirs in zip(*results):
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4)
 
 
 def test_ties_select_a_valid_set_and_route_gradients():
@@ -326,3 +478,31 @@ def test_dispatch_routes_cpu_tensors_to_triton_under_interpreter(monkeypatch):
     assert dispatch.backend_for(x) is ref
     with pytest.raises(RuntimeError):
         dispatch.backend_for(x, "triton")
+
+
+def test_dispatch_backend_selection(monkeypatch):
+    x = torch.zeros(2, 3)
+    monkeypatch.setattr(dispatch, "_triton_backend", lambda: T)
+    monkeypatch.setenv("SPARSEMILL_KERNELS", "torch")
+    assert dispatch.backend_for(x) is ref  # explicit PyTorch backend, even under the interpreter
+    assert dispatch.backend_for(x, "triton") is T  # the argument wins over the environment
+    monkeypatch.setenv("SPARSEMILL_KERNELS", "tritonn")
+    with pytest.raises(ValueError, match="SPARSEMILL_KERNELS"):
+        dispatch.backend_for(x)
+
+
+def test_dispatch_fails_loudly_on_cuda_without_triton(monkeypatch):
+    """CUDA tensors with a triton that does not import: a clear error, not a silent fallback to
+    the reference's slow GPU path; backend='torch' remains the explicit way to use it."""
+    import types  # noqa: PLC0415
+
+    cuda_like = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
+    monkeypatch.setattr(dispatch, "_triton_backend", lambda: None)
+    monkeypatch.setattr(dispatch, "_TRITON_ERROR", [ImportError("libcuda.so: cannot open shared object file")])
+    monkeypatch.delenv("SPARSEMILL_KERNELS", raising=False)
+    with pytest.raises(RuntimeError, match="triton failed to import.*libcuda.*backend='torch'"):
+        dispatch.backend_for(cuda_like)
+    assert dispatch.backend_for(cuda_like, "torch") is ref
+    monkeypatch.setenv("SPARSEMILL_KERNELS", "torch")
+    assert dispatch.backend_for(cuda_like) is ref
+

@@ -47,6 +47,7 @@ class BatchTopKSAE(VariantSAE):
 
     Options = BatchTopKOptions
     export_architecture = "jumprelu"
+    variable_l0 = True
     per_latent_threshold = False
 
     def __init__(self, d_in, n_latents, k, d_out=None, seed=0, options=None):

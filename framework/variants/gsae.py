@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import kernels
 from framework import hooks
 from framework.sae import SAE_KINDS, SAEOutput
 from framework.variants.common import VariantSAE, require
-from kernels import reference
 
 
 @dataclass
@@ -36,28 +36,6 @@ class GSAEOptions:
     def __post_init__(self):
         require(self.beta >= 0, "options.beta: must be >= 0")
         require(self.latent_chunk >= 1, "options.latent_chunk: must be >= 1")
-
-
-class _GatheredRelu(torch.autograd.Function):
-    """relu(<x_c[b], W[idx[b, j]]> + bias[idx[b, j]]) for given indices: the TopK kernel's sparse
-    forward/backward (kernels.reference primitives) without its selection."""
-
-    @staticmethod
-    def forward(ctx, x_centered, weight, bias, idx):
-        pre = reference.gather_dot(idx, weight, x_centered) + bias[idx]
-        live = pre > 0
-        ctx.save_for_backward(x_centered, weight, idx, live)
-        return torch.where(live, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_centered, weight, idx, live = ctx.saved_tensors
-        g = torch.where(live, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-        n = weight.shape[0]
-        grad_x = reference.gather_sum(idx, g, weight) if ctx.needs_input_grad[0] else None
-        grad_w = reference.scatter_outer(idx, g, x_centered, n).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = g.new_zeros(n).index_add_(0, idx.reshape(-1), g.reshape(-1)) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
 
 
 @torch.no_grad()
@@ -113,11 +91,11 @@ class GradientSAE(VariantSAE):
             g = grad.detach().to(x.dtype)
             if self.options.normalize_grad:
                 g = g / g.pow(2).sum(1).mean().sqrt().clamp_min(1e-20)
-            x_centered = x - self.input_offset()
-            idx = gradient_topk_indices(x_centered.detach(), self.encoder_weight.detach(), self.encoder_bias.detach(),
+            offset = self.input_offset()
+            idx = gradient_topk_indices((x - offset).detach(), self.encoder_weight.detach(), self.encoder_bias.detach(),
                                         self.decoder_weight.detach(), g, min(k, self.n_latents), self.options.beta,
                                         self.options.latent_chunk)
-            values, indices = _GatheredRelu.apply(x_centered, self.encoder_weight, self.encoder_bias, idx), idx
+            values, indices = kernels.encode_at(x, self.encoder_weight, self.encoder_bias, offset, idx), idx
         return SAEOutput(self.decode(values, indices), values, indices)
 
 

@@ -149,6 +149,7 @@ class JumpReLUSAE(TopKSAE):
 
     Options = JumpReLUOptions
     export_architecture = "jumprelu"
+    variable_l0 = True
 
     def __init__(self, d_in, n_latents, k, d_out=None, seed=0, options=None):
         super().__init__(d_in, n_latents, k, d_out=d_out, seed=seed, options=options)

@@ -40,6 +40,10 @@ class MatryoshkaSAE(BatchTopKSAE):
                 f"options.prefixes: sizes must be < n_latents={n_latents} (the full size is implied), got {given}")
         self.prefix_sizes = [p for p in given if p < n_latents] + [n_latents]
 
+    @property
+    def variable_l0(self) -> bool:  # noqa: D102
+        return self.options.selection == "batchtopk"
+
     def batch_level_selection(self) -> bool:
         return self.options.selection == "batchtopk"
 

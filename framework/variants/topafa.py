@@ -37,6 +37,7 @@ class TopAFASAE(VariantSAE):
     ||x - b_dec|| (at most max_k). The config's k only sets the default max_k."""
 
     Options = TopAFAOptions
+    variable_l0 = True
     export_architecture = "top_afa"  # no SAELens equivalent: loadable by framework.export.load_exported only
     supports_transcoder = False  # the rule matches the code's norm to the input's own norm
 
