@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from framework import hooks, text_data
-from framework.config import ConfigError, DataConfig
+from framework.schema import ConfigError, DataConfig
 from framework.errors import DataError
-from framework.variants.gsae import GRAD_SUFFIX, grad_key, lm_site_grads
+from framework.lm_grads import GRAD_SUFFIX, grad_key, lm_site_grads
 
 log = logging.getLogger(__name__)
 

@@ -651,12 +651,12 @@ def _resolve(run_dir: Path, name: str | None) -> tuple[Path, dict]:
 def export_checkpoint(run_dir: Path, name: str | None = None, out: Path | None = None) -> list[Path]:
     """SAELens folders (one per SAE) from a checkpoint of any strategy, placement or world
     size: its `<sae>.safetensors` hold gathered full tensors."""
-    from framework.config import RunConfig, _build  # noqa: PLC0415
+    from framework.schema import RunConfig, build_dataclass  # noqa: PLC0415
     from framework.export import export_sae  # noqa: PLC0415
-    from framework.sae import build_sae  # noqa: PLC0415
+    from framework.kinds import build_sae  # noqa: PLC0415
 
     path, manifest = _resolve(run_dir, name)
-    cfg = _build(RunConfig, yaml.safe_load((path / CONFIG).read_text()))  # no validation: data may have moved
+    cfg = build_dataclass(RunConfig, yaml.safe_load((path / CONFIG).read_text()))  # no validation: data may have moved
     out = Path(out) if out is not None else Path(run_dir) / "export" / path.name
     folders = []
     for s in cfg.saes:

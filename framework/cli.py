@@ -10,8 +10,8 @@ import os
 import sys
 import typing
 
-from framework.config import RunConfig, load_config
 from framework.errors import DataError, UserError
+from framework.schema import RunConfig
 
 DEBUG_ENV = "SPARSEMILL_DEBUG"  # =1: tracebacks for user errors too
 
@@ -106,6 +106,8 @@ def _train_command(args, extra: list[str]) -> int:
         overrides.append("log.progress=false")
     if args.no_resume:
         overrides.append("train.resume=false")
+    from framework.config import load_config  # noqa: PLC0415  (the registries it checks against import torch)
+
     cfg = load_config(args.config, overrides)
     from framework.preemption import PREEMPTED_EXIT_CODE, Preempted  # noqa: PLC0415
     from framework.train import format_summary, train  # noqa: PLC0415  (heavy imports after validation)

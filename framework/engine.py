@@ -50,14 +50,14 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
-from framework.config import ConfigError, DistConfig
+from framework.schema import ConfigError, DistConfig
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 
 
-def _skip_deepspeed_shm_build() -> None:
+def _skip_deepspeed_shmbuild_dataclass() -> None:
     """DeepSpeed JIT-compiles a shared-memory all-reduce op with g++ (~50 s) at its first
     init on CPU; it serves inference kernels we do not use, so mark it incompatible."""
     import deepspeed.ops  # noqa: PLC0415
@@ -86,7 +86,7 @@ class Engine:
         self.backend = "nccl" if use_cuda else "gloo"
         self.accelerator = None
         if self.zero_stage:
-            _skip_deepspeed_shm_build()
+            _skip_deepspeed_shmbuild_dataclass()
         if env_world > 1 and not dist.is_initialized():
             from accelerate import Accelerator  # noqa: PLC0415
             from accelerate.utils import InitProcessGroupKwargs  # noqa: PLC0415

@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import load_file, save
 
 from framework import durable
-from framework.sae import SAE_KINDS, TopKSAE, parse_options, with_skip
+from framework.kinds import SAE_KINDS, parse_options
+from framework.sae import TopKSAE, with_skip
 
 SAELENS_VERSION = "6.0.0"
 WEIGHTS_FILE, CONFIG_FILE, SPARSITY_FILE = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from framework.config import ConfigError
+from framework.errors import ConfigError
 from framework.registry import Registry
 
 # kind -> (which submodule of the block, read its "input" or "output", TransformerLens name)
@@ -74,11 +74,11 @@ def parse_site(name: str, key: str = "site") -> SiteSpec:
         kind = _TL_ALIASES.get(m.group(2), m.group(2))
         if kind in SITE_KINDS:
             return SiteSpec(name, kind, layer=int(m.group(1)), read=SITE_KINDS[kind][1])
-    from framework.config import _did_you_mean  # noqa: PLC0415
+    from framework.schema import did_you_mean  # noqa: PLC0415
 
     tail = m.group(2) if m else name
     raise ConfigError(
-        f"{key}: unknown hook site '{name}'{_did_you_mean(tail, SITE_KINDS)}; use blocks.<layer>.<kind> with kind in "
+        f"{key}: unknown hook site '{name}'{did_you_mean(tail, SITE_KINDS)}; use blocks.<layer>.<kind> with kind in "
         f"{sorted(SITE_KINDS)}, or module:<path> / module_input:<path>"
     )
 

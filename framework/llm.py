@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from framework import hooks
-from framework.config import ConfigError, ModelConfig
+from framework.schema import ConfigError, ModelConfig
 from framework.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def load_zero3(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, object]:
     partitioned, so they equal the unsharded ones. Forwards are collectives from then on."""
     from framework.engine import _skip_deepspeed_shm_build  # noqa: PLC0415
 
-    _skip_deepspeed_shm_build()
+    _skip_deepspeed_shmbuild_dataclass()
     import deepspeed  # noqa: PLC0415
 
     _ensure_process_group()

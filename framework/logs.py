@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from framework.config import LogConfig
+from framework.schema import LogConfig
 
 log = logging.getLogger("sparsemill")
 

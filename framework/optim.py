@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from framework.config import TrainConfig
+from framework.schema import TrainConfig
 from framework.registry import Registry
 
 OPTIMIZERS: Registry[Callable[..., tuple]] = Registry("optimizer")

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from framework.config import ConfigError
+from framework.errors import ConfigError
 
 Batch = dict[str, torch.Tensor]
 

@@ -178,7 +178,7 @@ class SkipTranscoder:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not self.is_transcoder:
-            from framework.config import ConfigError  # noqa: PLC0415
+            from framework.errors import ConfigError  # noqa: PLC0415
 
             raise ConfigError("skip_connection: a skip connection maps the input site to a different output site; "
                               "it needs a transcoder (set output_site), not an SAE")
@@ -232,23 +232,3 @@ B_DEC_INIT = {
     "mean": lambda y: y.mean(0),
     "zeros": lambda y: y.new_zeros(y.shape[1]),
 }
-
-
-def build_sae(kind: str, d_in: int, n_latents: int, k: int, d_out: int | None = None, seed: int = 0,
-              options: dict | None = None, skip_connection: bool = False) -> TopKSAE:
-    cls = with_skip(SAE_KINDS[kind]) if skip_connection else SAE_KINDS[kind]
-    return cls(d_in, n_latents, k, d_out=d_out, seed=seed, options=parse_options(kind, options or {}))
-
-
-def parse_options(kind: str, options: dict, key: str = "options"):
-    """The kind's typed Options from a config mapping; unknown keys fail with a suggestion."""
-    from framework.config import ConfigError, _build  # noqa: PLC0415
-
-    try:
-        return _build(SAE_KINDS[kind].Options, options, key)
-    except ConfigError as err:  # a kind's own checks say "options.x: ..."; name the SAE too
-        msg = str(err)
-        if key != "options" and msg.startswith("options."):
-            raise ConfigError(key + msg[len("options"):]) from None
-        raise
-from framework import variants  # noqa: E402,F401  (registers the research SAE kinds)

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from framework import optim, tensor_parallel
-from framework.config import SAEConfig, TrainConfig
-from framework.sae import SAEBase, TopKSAE, build_sae
+from framework.schema import SAEConfig, TrainConfig
+from framework.kinds import build_sae
+from framework.sae import SAEBase, TopKSAE
 
 
 def centered_sum_sq(y: torch.Tensor, reduce) -> torch.Tensor:

@@ -93,7 +93,7 @@ def shard_range(n_latents: int, rank: int, world: int) -> tuple[int, int]:
 
 def check_shardable(kind: str, n_latents: int, shards: int, key: str = "sae") -> None:
     """ConfigError (naming `key`) unless an SAE of this kind and width splits into `shards`."""
-    from framework.config import ConfigError  # noqa: PLC0415
+    from framework.errors import ConfigError  # noqa: PLC0415
 
     if kind not in SHARDABLE_KINDS:
         raise ConfigError(f"{key}.kind: '{kind}' cannot be latent-sharded (dist.latent_shards={shards}): only "

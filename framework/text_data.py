@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from framework.config import ConfigError, DataConfig
+from framework.schema import ConfigError, DataConfig
 from framework.errors import DataError
 
 TEXT_SUFFIXES = {".txt": "text", ".rst": "text", ".md": "text", ".text": "text",

@@ -18,7 +18,7 @@ import yaml
 from framework import checkpoint, export, text_data
 from framework.activations import SKIP_REASONS, ActivationSource, FileSource, LLMSource
 from framework.buffer import MixingBuffer
-from framework.config import ConfigError, RunConfig
+from framework.schema import ConfigError, RunConfig
 from framework.engine import Engine, mesh_shape
 from framework.errors import DataError
 from framework.evaluate import evaluate
@@ -27,7 +27,8 @@ from framework.logs import RunLogger
 from framework.preemption import Preempted, PreemptionFlag
 from framework.routing import RoutedSource, assign_owners
 from framework.sae_trainer import SAETrainer, total_steps_for
-from framework.variants.gsae import grad_key, gradient_sites
+from framework.kinds import lm_gradient_sites
+from framework.lm_grads import grad_key
 
 log = logging.getLogger("sparsemill")
 
@@ -61,7 +62,7 @@ def build_source(cfg: RunConfig, device: torch.device, rank: int = 0, world: int
     model, tokenizer = load_frozen(cfg.model, seed=cfg.train.seed)
     sites = sorted({s.site for s in cfg.saes} | {s.output_site for s in cfg.saes if s.output_site})
     return LLMSource(cfg.data, model, tokenizer, sites, device, cfg.train.seed, rank, world,
-                     grad_sites=gradient_sites(cfg.saes))
+                     grad_sites=lm_gradient_sites(cfg.saes))
 
 
 def check_run_dir(run_dir: Path) -> ConfigError | None:

@@ -160,7 +160,7 @@ def test_attribution_graph_on_tiny_gpt2_uses_our_features(jumprelu_run, tmp_path
 
 
 def test_topk_transcoders_need_the_in_memory_set(tmp_path):
-    from framework.sae import build_sae  # noqa: PLC0415
+    from framework.kinds import build_sae  # noqa: PLC0415
 
     folders = []
     for L in range(LAYERS):  # untrained TopK MLP transcoders, normalisation from a sample

@@ -106,7 +106,7 @@ def test_every_kind_trains_on_two_ranks(every_kind_runs, strategy):
     """Every registered kind runs under ddp and each ZeRO stage on 2 ranks (mpsae once crashed
     under ddp: its frozen tied encoder got no gradient); per-token kinds train the weights
     one process trains."""
-    from framework.sae import SAE_KINDS
+    from framework.kinds import SAE_KINDS
 
     for kind in sorted(SAE_KINDS):
         two = load_file(str(every_kind_runs / f"{strategy}_{kind}_w2.safetensors"))

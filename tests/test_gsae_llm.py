@@ -13,7 +13,8 @@ from framework.buffer import MixingBuffer
 from framework.config import ConfigError, DataConfig, ModelConfig, load_config
 from framework.llm import load_frozen
 from framework.train import train
-from framework.variants.gsae import GradientSAE, grad_key
+from framework.lm_grads import grad_key
+from framework.variants.gsae import GradientSAE
 
 SITES = ["blocks.1.resid_post", "blocks.2.mlp_in", "blocks.2.mlp_out"]
 GRAD_SITES = ["blocks.2.mlp_out", "blocks.1.resid_post"]  # the second is below the first: one pass serves both

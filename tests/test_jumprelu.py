@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from framework import export
 from framework.config import ConfigError, SAEConfig, TrainConfig, load_config
-from framework.sae import build_sae
+from framework.kinds import build_sae
 from framework.sae_trainer import SAETrainer
 from framework.train import train
 

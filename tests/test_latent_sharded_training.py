@@ -22,7 +22,7 @@ from framework.cli import main
 from framework.config import ConfigError, load_config
 from framework.export import folded_tensors, load_exported
 from framework.optimizer_state import SavedOptimizer
-from framework.sae import build_sae
+from framework.kinds import build_sae
 from framework.train import check_layout
 
 SAE = {"name": "s", "n_latents": 128, "k": 4, "dead_after_tokens": 128, "aux_k": 8}  # dead after 1 batch

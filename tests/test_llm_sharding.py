@@ -26,7 +26,7 @@ import yaml
 from framework import hooks, text_data
 from framework.config import ConfigError, DataConfig, ModelConfig, load_config
 from framework.llm import check_zero3_layout, load_frozen
-from framework.variants.gsae import lm_site_grads
+from framework.lm_grads import lm_site_grads
 
 WORKER = Path(__file__).parent / "workers" / "zero3_worker.py"
 WORLD = 2

@@ -6,7 +6,8 @@ import torch
 
 from framework import export
 from framework.config import SAEConfig, TrainConfig
-from framework.sae import TopKSAE, build_sae, geometric_median
+from framework.kinds import build_sae
+from framework.sae import TopKSAE, geometric_median
 from framework.sae_trainer import SAETrainer, annealed_k
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from framework import export
 from framework.config import ConfigError, SAEConfig, TrainConfig, load_config
 from framework.evaluate import reconstruction_metrics
-from framework.sae import SAE_KINDS, build_sae
+from framework.kinds import SAE_KINDS, build_sae
 from framework.sae_trainer import SAETrainer
 
 D, D_OUT, N, K = 12, 10, 48, 4

@@ -321,7 +321,7 @@ def test_every_kind_resumes_bitwise(tmp_path, text_dir, monkeypatch):
     """Every registered kind, one SAE each on one LLM stream: stopped at step 5 and resumed,
     the weights, buffers (running thresholds, width hints, densities) and optimizer state
     equal an uninterrupted run's bit for bit."""
-    from framework.sae import SAE_KINDS
+    from framework.kinds import SAE_KINDS
 
     saes = [{"name": kind, "kind": kind, "site": "blocks.1.resid_post", "n_latents": 64, "k": 4,
              "dead_after_tokens": 256, "lr": 1e-3} for kind in sorted(SAE_KINDS)]

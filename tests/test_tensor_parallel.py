@@ -24,7 +24,7 @@ import torch
 
 import kernels
 from framework import tensor_parallel as tp
-from framework.sae import build_sae
+from framework.kinds import build_sae
 
 _spec = importlib.util.spec_from_file_location("_tp_worker", Path(__file__).parent / "workers" / "tp_worker.py")
 W = importlib.util.module_from_spec(_spec)

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-import framework.variants  # noqa: F401  (registers the kinds)
+import framework.kinds  # noqa: F401  (registers the kinds)
 from framework import export
 from framework.config import ConfigError, SAEConfig, TrainConfig, load_config
-from framework.sae import SAE_KINDS, build_sae
+from framework.kinds import SAE_KINDS, build_sae
 from framework.sae_trainer import SAETrainer
 from framework.variants import common
-from framework.variants.gsae import lm_activation_grads
+from framework.lm_grads import lm_activation_grads
 from framework.variants.topafa import afa_counts
 from framework.variants.vtopk import gaussian_kl
 

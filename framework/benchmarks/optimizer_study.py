@@ -45,7 +45,7 @@ import time
 import torch
 
 from framework import optim
-from framework.config import SAEConfig, TrainConfig
+from framework.schema import SAEConfig, TrainConfig
 from framework.evaluate import reconstruction_metrics
 from framework.sae_trainer import SAETrainer, total_steps_for
 from framework.synthetic import SyntheticActivations, SyntheticConfig, feature_recovery

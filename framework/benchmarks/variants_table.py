@@ -49,8 +49,8 @@ import torch
 
 from framework import optim
 
-import framework.variants  # noqa: F401  (registers the kinds)
-from framework.config import SAEConfig, TrainConfig
+import framework.kinds  # noqa: F401  (registers the kinds)
+from framework.schema import SAEConfig, TrainConfig
 from framework.sae_trainer import SAETrainer, total_steps_for
 from framework.synthetic import SyntheticActivations, SyntheticConfig, max_cosines
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from framework.config import ConfigError
+from framework.errors import ConfigError
 from framework.sae import TopKSAE
 
 

@@ -7,21 +7,18 @@ The k latents with the largest score are active, with their ordinary values relu
 gradient only changes *which* latents are chosen. Without a gradient (inference, or a source
 that provides none) the selection is plain TopK, and the export is SAELens `topk`.
 
-`lm_activation_grads` / `lm_site_grads` give activations and d(LM loss)/d(activation) for a HF
-causal LM; see README.md in this folder for their cost and for how the LLM source feeds the
-gradient in (framework/activations.py, batch key `grad_key(site)`).
+The LLM source computes the gradient (framework/lm_grads.py: one full forward and an
+activation-only backward) and the trainer hands it to the forward with the batch; see README.md
+in this folder for the cost.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import kernels
-from framework import hooks
 from framework.sae import SAE_KINDS, SAEOutput
 from framework.variants.common import VariantSAE, require
 
@@ -97,69 +94,3 @@ class GradientSAE(VariantSAE):
                                         self.options.latent_chunk)
             values, indices = kernels.encode_at(x, self.encoder_weight, self.encoder_bias, offset, idx), idx
         return SAEOutput(self.decode(values, indices), values, indices)
-
-
-# ----------------------------------------------------------------------------- LM gradients
-
-GRAD_SUFFIX = "@grad"
-
-
-def grad_key(site: str) -> str:
-    """Batch key under which a source yields d(LM loss)/d(activation) for `site`."""
-    return site + GRAD_SUFFIX
-
-
-def gradient_sites(sae_cfgs) -> list[str]:
-    """The sites whose LM-loss gradient the SAEs need: the output site of every kind that
-    `needs_lm_grad` (the reconstructed activation, i.e. an SAE's own site)."""
-    return sorted({s.output_site or s.site for s in sae_cfgs if SAE_KINDS[s.kind].needs_lm_grad})
-
-
-def lm_activation_grads(model, input_ids: torch.Tensor, site: str, attention_mask: torch.Tensor | None = None,
-                        loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(activations [b, s, d], d(LM loss)/d(activations) [b, s, d], loss) at one hook site;
-    `lm_site_grads` for several sites in one pass."""
-    acts, grads, loss = lm_site_grads(model, input_ids, [site], attention_mask, loss_mask)
-    return acts[site], grads[site], loss
-
-
-def lm_site_grads(model, input_ids: torch.Tensor, sites: list[str], attention_mask: torch.Tensor | None = None,
-                  loss_mask: torch.Tensor | None = None) -> tuple[dict, dict, torch.Tensor]:
-    """site -> activations, site -> d(LM loss)/d(activation) (each [b, s, d]), and the loss.
-
-    LM loss = next-token cross-entropy summed over predicted positions (those where
-    loss_mask[:, 1:] is True, default all), so the gradient at a token is not diluted by the
-    batch size. One forward through the whole model and one backward from the logits down to
-    the first hooked site only: the first site reached is made a leaf that requires grad (the
-    weights do not), so no weight gradient is formed and layers below it are not
-    back-propagated; a later site already downstream of a leaf stays in the graph (its gradient
-    is the total derivative through it), one that is not becomes a leaf of its own.
-    Cost per token ~ forward of all layers + LM head, plus an activation-only backward of the
-    layers above the hook + LM head (~1x their forward FLOPs): about 2-3x the early-stopped
-    capture that plain training uses, and the activations of the layers above the hook are kept
-    for the backward (memory ~ batch x seq x d x layers above x a few)."""
-    acts: dict[str, torch.Tensor] = {}
-
-    def track(name):
-        def replace(act: torch.Tensor) -> torch.Tensor:
-            acts[name] = act if act.requires_grad else act.detach().requires_grad_(True)
-            return acts[name]
-        return replace
-
-    sites = list(dict.fromkeys(sites))
-    with torch.enable_grad(), ExitStack() as stack:
-        for site in sites:
-            stack.enter_context(hooks.splice(model, hooks.parse_site(site), track(site)))
-        kwargs = {"input_ids": input_ids, "use_cache": False}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        logits = model(**kwargs).logits
-        missing = [s for s in sites if s not in acts]
-        if missing:
-            raise RuntimeError(f"hook sites {missing} were not reached by the forward")
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
-        if loss_mask is not None:
-            ce = ce * loss_mask[:, 1:].flatten().to(ce.dtype)
-        loss = ce.sum()
-        grads = torch.autograd.grad(loss, [acts[s] for s in sites])
-    return ({s: acts[s].detach() for s in sites}, {s: g.detach() for s, g in zip(sites, grads)}, loss.detach())

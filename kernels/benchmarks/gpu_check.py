@@ -237,7 +237,7 @@ def encode_throughput(B, d, n, k, device, kernels_mod, T, repeats):
 
 
 def _trainer(B, d, n, k, device, autocast):
-    from framework.config import SAEConfig, TrainConfig  # noqa: PLC0415
+    from framework.schema import SAEConfig, TrainConfig  # noqa: PLC0415
     from framework.sae_trainer import SAETrainer  # noqa: PLC0415
 
     cfg = SAEConfig(name="check", site="x", n_latents=n, k=k, dead_after_tokens=B, b_dec_init="zeros",

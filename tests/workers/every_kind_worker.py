@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from framework.config import DistConfig, SAEConfig, TrainConfig
 from framework.engine import Engine
-from framework.sae import SAE_KINDS
+from framework.kinds import SAE_KINDS
 from framework.sae_trainer import SAETrainer
 
 parser = argparse.ArgumentParser()

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from framework import hooks, llm  # noqa: E402
 from framework.activations import LLMSource  # noqa: E402
 from framework.config import DataConfig, ModelConfig  # noqa: E402
-from framework.variants.gsae import lm_site_grads  # noqa: E402
+from framework.lm_grads import lm_site_grads  # noqa: E402
 
 LAYERS = (0, 1, 2)
 GRAD_SITES = ["blocks.0.resid_post", "blocks.2.attn_out"]
