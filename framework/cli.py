@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return _checkpoint_command(args)
 
+    from framework import watchdog  # noqa: PLC0415
+
+    watchdog.die_with_launcher()  # a torchrun worker ends with its agent, even if killed with kill -9
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + extra + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     if args.quiet:
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from framework.checkpoint import CheckpointError  # noqa: PLC0415
     from framework.preemption import PREEMPTED_EXIT_CODE, Preempted  # noqa: PLC0415
+    from framework.run_lock import RunLockError  # noqa: PLC0415
     from framework.train import format_summary, train  # noqa: PLC0415  (heavy imports after validation)
 
     try:
@@ -104,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         print(f"preempted: {stop}; rerun the same command to resume (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except RunLockError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a lost rank or a timeout: one clear paragraph instead of a traceback
+        if not watchdog.is_distributed_failure(err):
+            raise
+        print(watchdog.describe_failure(err), file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
         print(f"run directory: {cfg.run_dir}")

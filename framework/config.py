@@ -124,6 +124,11 @@ class DistConfig:
     # ranks that split each SAE's latents (tensor parallel, framework/tensor_parallel.py): the
     # world is data parallel x latent_shards; the ranks of a shard group read the same batches
     latent_shards: int = 1
+    # seconds a rank waits for the others (process-group setup and store, barriers, the checkpoint
+    # agreement, every collective), and for a stop signal to reach a step boundary, before it exits
+    # naming what it waited for; must exceed the longest legitimate wait (e.g. the others loading a
+    # large model, or rank 0 hashing a large checkpoint while the others wait)
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -274,6 +279,7 @@ def validate(cfg: RunConfig) -> None:
            "each SAE is trained whole by one rank; use dist.strategy: ddp there")
     _check(not cfg.dist.strategy.startswith("zero") or cfg.train.optimizer == "adam",
            f"dist.strategy: {cfg.dist.strategy} needs train.optimizer: adam (DeepSpeed takes torch optimizers)")
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s: must be > 0 (seconds any rank waits for the others)")
     _check(cfg.dist.latent_shards >= 1, "dist.latent_shards: must be >= 1 (1 = every rank holds whole SAEs)")
     _check(cfg.dist.latent_shards == 1 or (cfg.dist.strategy == "ddp" and cfg.dist.sae_placement == "replicated"),
            f"dist.latent_shards={cfg.dist.latent_shards} shards each SAE over a group of ranks, which works with "

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from framework import checkpoint, export
+from framework import checkpoint, export, watchdog
 from framework.activations import ActivationSource, FileSource, LLMSource
 from framework.buffer import MixingBuffer
 from framework.config import ConfigError, RunConfig
@@ -24,6 +24,7 @@ from framework.llm import check_zero3_layout, load_frozen
 from framework.logs import RunLogger
 from framework.preemption import Preempted, PreemptionFlag
 from framework.routing import RoutedSource, assign_owners
+from framework.run_lock import RunLock
 from framework.sae_trainer import SAETrainer, total_steps_for
 from framework.variants.gsae import grad_key, gradient_sites
 
@@ -136,6 +137,7 @@ def run_eval(cfg: RunConfig, p: Placement, llm_source, trainers, logger: RunLogg
     reduce = p.sae_engine.data_reduce_ if p.sae_engine is not None else (lambda t: t)
     latent_reduce = p.sae_engine.all_reduce_ if p.sae_engine is not None else None  # sums the shards' counts
     with checkpoint.training_weights_kept(trainers.values()):
+        watchdog.pause(watchdog.EVAL_DELAY_ENV, f"the evaluation at step {step}")  # test hook
         result = evaluate(p.source, trainers, cfg.eval.tokens, cfg.eval.splice_tokens, cfg.eval.splice,
                           reduce, p.share, llm_source, latent_reduce)
     logger.eval_results(result["metrics"], result["stats"], step)
@@ -162,9 +164,10 @@ def _gather_dicts(d: dict, engine: Engine, needed: bool) -> dict:
 
 
 def train(cfg: RunConfig) -> dict:
-    preemption = PreemptionFlag()  # first: a signal during model loading is honoured at step 1
+    preemption = PreemptionFlag(cfg.dist.timeout_s)  # first: a signal during model loading is honoured at step 1
     try:
-        return _train(cfg, preemption)
+        with RunLock(cfg.run_dir):  # one training per run directory (framework/run_lock.py)
+            return _train(cfg, preemption)
     finally:
         preemption.close()
 
