@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_command(args, extra: list[str]) -> int:
+    from framework import watchdog  # noqa: PLC0415
+
+    watchdog.die_with_launcher()  # a torchrun worker ends with its agent, even if killed with kill -9
     overrides = list(args.overrides) + extra + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     if args.quiet:
         overrides.append("log.progress=false")
@@ -117,6 +120,11 @@ def _train_command(args, extra: list[str]) -> int:
     except Preempted as stop:
         print(f"preempted: {stop}; rerun the same command to resume (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except Exception as err:  # a lost rank or a timeout: one clear paragraph instead of a traceback
+        if not watchdog.is_distributed_failure(err):
+            raise
+        print(watchdog.describe_failure(err), file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
         print(f"run directory: {cfg.run_dir}")

@@ -86,6 +86,7 @@ def validate(cfg: RunConfig) -> None:
            "each SAE is trained whole by one rank; use dist.strategy: ddp there")
     _check(not cfg.dist.strategy.startswith("zero") or cfg.train.optimizer == "adam",
            f"dist.strategy: {cfg.dist.strategy} needs train.optimizer: adam (DeepSpeed takes torch optimizers)")
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s: must be > 0 (seconds any rank waits for the others)")
     _check(cfg.dist.latent_shards >= 1, "dist.latent_shards: must be >= 1 (1 = every rank holds whole SAEs)")
     _check(cfg.dist.latent_shards == 1 or (cfg.dist.strategy == "ddp" and cfg.dist.sae_placement == "replicated"),
            f"dist.latent_shards={cfg.dist.latent_shards} shards each SAE over a group of ranks, which works with "

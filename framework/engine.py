@@ -46,10 +46,12 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from framework import watchdog
 from framework.schema import ConfigError, DistConfig
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class Engine:
 
     def __init__(self, cfg: DistConfig, device_name: str = "auto"):
         self.cfg = cfg
+        watchdog.bound_waits(cfg.timeout_s)  # before any process group: every wait ends after dist.timeout_s
         self.zero_stage = int(cfg.strategy[-1]) if cfg.strategy.startswith("zero") else 0
         env_world = int(os.environ.get("WORLD_SIZE", "1"))
         use_cuda = torch.cuda.is_available() and device_name != "cpu"
@@ -91,7 +94,8 @@ class Engine:
             from accelerate import Accelerator  # noqa: PLC0415
             from accelerate.utils import InitProcessGroupKwargs  # noqa: PLC0415
 
-            self.accelerator = Accelerator(cpu=not use_cuda, kwargs_handlers=[InitProcessGroupKwargs(backend=self.backend)])
+            init = InitProcessGroupKwargs(backend=self.backend, timeout=timedelta(seconds=cfg.timeout_s))  # else 30 min
+            self.accelerator = Accelerator(cpu=not use_cuda, kwargs_handlers=[init])
         elif self.zero_stage and not dist.is_initialized():
             # DeepSpeed needs a process group even alone: a one-rank group on an in-memory store.
             dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -140,12 +144,6 @@ class Engine:
         box = [obj]
         dist.broadcast_object_list(box, 0)
         return box[0]
-
-    def raise_together(self, error: Exception | None) -> None:
-        """Collective: if rank 0 found a problem, every rank raises it (no rank left waiting)."""
-        problem = self.broadcast_object(None if error is None else (type(error), str(error)))
-        if problem is not None:
-            raise problem[0](problem[1])
 
     def wrap(self, module: torch.nn.Module, optimizer, scheduler, grad_clip: float, accumulation: int = 1) -> "Runner":
         if self.zero_stage:

@@ -124,6 +124,11 @@ class DistConfig:
     # ranks that split each SAE's latents (tensor parallel, framework/tensor_parallel.py): the
     # world is data parallel x latent_shards; the ranks of a shard group read the same batches
     latent_shards: int = 1
+    # seconds a rank waits for the others (process-group setup and store, barriers, the checkpoint
+    # agreement, every collective), and for a stop signal to reach a step boundary, before it exits
+    # naming what it waited for; must exceed the longest legitimate wait (e.g. the others loading a
+    # large model, or rank 0 hashing a large checkpoint while the others wait)
+    timeout_s: float = 600.0
 
 
 @dataclass

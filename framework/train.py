@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from framework import checkpoint, export, text_data
+from framework import checkpoint, export, text_data, watchdog
 from framework.activations import SKIP_REASONS, ActivationSource, FileSource, LLMSource
 from framework.buffer import MixingBuffer
 from framework.schema import ConfigError, RunConfig
@@ -26,6 +25,7 @@ from framework.llm import check_zero3_layout, load_frozen
 from framework.logs import RunLogger
 from framework.preemption import Preempted, PreemptionFlag
 from framework.routing import RoutedSource, assign_owners
+from framework.run_lock import RunLock
 from framework.sae_trainer import SAETrainer, total_steps_for
 from framework.kinds import lm_gradient_sites
 from framework.lm_grads import grad_key
@@ -63,19 +63,6 @@ def build_source(cfg: RunConfig, device: torch.device, rank: int = 0, world: int
     sites = sorted({s.site for s in cfg.saes} | {s.output_site for s in cfg.saes if s.output_site})
     return LLMSource(cfg.data, model, tokenizer, sites, device, cfg.train.seed, rank, world,
                      grad_sites=lm_gradient_sites(cfg.saes))
-
-
-def check_run_dir(run_dir: Path) -> ConfigError | None:
-    """The run directory exists (or can be created) and takes files: checked before any model
-    loads, so a read-only or misspelt location fails in a second."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        return ConfigError(f"run_dir: cannot write to '{run_dir}' ({err.strerror or err})")
-    return None
 
 
 def check_eval_split(cfg: RunConfig, source: ActivationSource, engine: Engine) -> None:
@@ -168,6 +155,7 @@ def run_eval(cfg: RunConfig, p: Placement, llm_source, trainers, logger: RunLogg
     reduce = p.sae_engine.data_reduce_ if p.sae_engine is not None else (lambda t: t)
     latent_reduce = p.sae_engine.all_reduce_ if p.sae_engine is not None else None  # sums the shards' counts
     with checkpoint.training_weights_kept(trainers.values()):
+        watchdog.pause(watchdog.EVAL_DELAY_ENV, f"the evaluation at step {step}")  # test hook
         result = evaluate(p.source, trainers, cfg.eval.tokens, cfg.eval.splice_tokens, cfg.eval.splice,
                           reduce, p.share, llm_source, latent_reduce)
     logger.eval_results(result["metrics"], result["stats"], step)
@@ -196,9 +184,10 @@ def _gather_dicts(d: dict, engine: Engine, needed: bool) -> dict:
 
 
 def train(cfg: RunConfig) -> dict:
-    preemption = PreemptionFlag()  # first: a signal during model loading is honoured at step 1
+    preemption = PreemptionFlag(cfg.dist.timeout_s)  # first: a signal during model loading is honoured at step 1
     try:
-        return _train(cfg, preemption)
+        with RunLock(cfg.run_dir):  # one training per run directory (framework/run_lock.py)
+            return _train(cfg, preemption)
     finally:
         preemption.close()
 
@@ -207,7 +196,6 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
     engine = Engine(cfg.dist, cfg.train.device)
     check_layout(cfg, engine.world)
     run_dir = Path(cfg.run_dir)
-    engine.raise_together(check_run_dir(run_dir) if engine.is_main else None)
     seed_everything(cfg.train.seed)
     device = engine.device
 

@@ -31,9 +31,13 @@ show() {
 # /proc/PID/status; re-checked every RESEND_SECONDS until torchrun exits), so a signal that
 # arrives while the model is still loading is acted on at the first step, and a worker that is
 # already shutting down (handlers reset) is never hit. A run stopped after such a signal exits 75.
+# If this script dies (kill -9, OOM), torchrun is killed with it (setpriv --pdeathsig, where
+# util-linux has it) and its workers with torchrun (framework/watchdog.py, which learns
+# torchrun's pid from SPARSEMILL_AGENT_PID).
 run_torchrun() {
-  local pid rc sig="" delivered=" " resend=${RESEND_SECONDS:-1}
-  (trap '' TERM USR1; exec "$@") &
+  local pid rc sig="" delivered=" " resend=${RESEND_SECONDS:-1} guard=()
+  if setpriv --pdeathsig KILL true 2>/dev/null; then guard=(setpriv --pdeathsig KILL); fi
+  (trap '' TERM USR1; export SPARSEMILL_AGENT_PID=$BASHPID; exec ${guard[@]+"${guard[@]}"} "$@") &
   pid=$!
   trap 'sig=USR1; forward_signal' USR1
   trap 'sig=TERM; forward_signal' TERM

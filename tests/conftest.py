@@ -50,3 +50,17 @@ def text_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("text")
     write_stdlib_text(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def one_node_run(tmp_path_factory, text_dir) -> Path:
+    """An uninterrupted `launch/single_node.sh` run (2 CPU processes, ddp) of
+    tests/launching.tiny_args: the reference of tests/test_multinode.py and tests/test_orphans.py."""
+    from launching import finish, kill_marked, new_marker, one_node, tiny_args  # noqa: PLC0415
+
+    root, marker = tmp_path_factory.mktemp("one_node"), new_marker()
+    try:
+        finish([one_node(tiny_args(root / "run", text_dir), root / "run.log", marker)])
+    finally:
+        kill_marked(marker)
+    return root / "run"
