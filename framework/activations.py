@@ -23,6 +23,7 @@ import torch.distributed as dist
 from framework import hooks, text_data
 from framework.schema import ConfigError, DataConfig
 from framework.errors import DataError
+from framework.stateful import Saved, State, StateDict
 from framework.lm_grads import GRAD_SUFFIX, grad_key, lm_site_grads
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class ActivationSource(abc.ABC):
     the latest pass over the held-out split (every evaluation reads the same rows)."""
 
     dims: dict[str, int]
+    can_splice = False  # capability: evaluation can splice reconstructions into the model (see LLMSource.logits)
 
     def __init__(self, data_cfg: DataConfig, device: torch.device, rank: int = 0, world: int = 1):
         self.data_cfg = data_cfg
@@ -81,12 +83,12 @@ class ActivationSource(abc.ABC):
         filtering, which needs the activations)."""
         return limit
 
-    def state_dict(self) -> dict:
+    def stream_state(self) -> dict:
         """JSON-able: the train stream's position and its skip counters."""
         return {"position": self.position_dict(), "rank": self.rank, "world": self.world,
                 "skipped": dict(self.skipped["train"])}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_stream_state(self, state: dict) -> None:
         """Before `batches("train")` is called: the train stream continues after `state`.
         The position must come from the same rank of the same world size (see merge_positions)."""
         if (state["rank"], state["world"]) != (self.rank, self.world):
@@ -94,6 +96,25 @@ class ActivationSource(abc.ABC):
                              f"{self.rank}/{self.world}")
         self.load_position(state["position"])
         self.skipped["train"] = {**dict.fromkeys(SKIP_REASONS, 0), **state.get("skipped", {})}
+
+    # -- Stateful (framework/stateful.py): a local part per rank
+    def state_dict(self) -> StateDict:
+        return StateDict(local=State(meta=self.stream_state()))
+
+    def load_state_dict(self, saved: Saved) -> None:
+        """Exactly this rank's stream on the same layout; under another world size or placement
+        the streams go on from the furthest position any rank reached (merge_positions), and
+        rank 0 keeps the skip counters' totals (they are summed over ranks at the end)."""
+        mine = saved.mine()
+        if mine is not None:
+            self.load_stream_state(mine.meta)
+            return
+        old = [part.meta for part in saved.local if part is not None]
+        self.load_position(merge_positions([m["position"] for m in old]))
+        if saved.rank == 0:
+            for m in old:
+                for reason, count in m.get("skipped", {}).items():
+                    self.skipped["train"][reason] += count
 
     def batches(self, split: str = "train") -> Iterator[Batch]:
         if split == "eval":
@@ -206,6 +227,32 @@ class LLMSource(ActivationSource):
         skipped["lockstep"] += rows - keep
         idx = torch.arange(keep, device=self.device) * rows // keep
         return {k: v[idx] for k, v in acts.items()}
+
+    @property
+    def can_splice(self) -> bool:
+        from framework.llm import is_causal_lm  # noqa: PLC0415
+
+        return is_causal_lm(self.model)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, output_site: str | None = None, positions: torch.Tensor | None = None,
+               predict=None, input_site: str | None = None) -> torch.Tensor:
+        """The model's logits on a token batch; with `output_site`, the activation there is
+        replaced at `positions` by predict(activation of `input_site` at those positions)
+        (input_site defaults to output_site; the other positions keep their clean activation)."""
+        ids = ids.to(self.model_device)
+        forward = lambda: self.model(input_ids=ids, use_cache=False).logits  # noqa: E731
+        if output_site is None:
+            return forward()
+        in_spec, out_spec = hooks.parse_site(input_site or output_site), hooks.parse_site(output_site)
+        with hooks.capture(self.model, [in_spec], stop_early=False) as inputs:
+            def replace(act: torch.Tensor) -> torch.Tensor:
+                out = act.clone()
+                out[positions] = predict(inputs[in_spec.name][positions]).to(act.dtype)
+                return out
+
+            with hooks.splice(self.model, out_spec, replace):
+                return forward()
 
     @torch.no_grad()
     def sae_positions(self, ids: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ emits half of them as batches, keeping the other half to mix with what comes nex
 Its whole state is explicit, so a checkpoint taken between two batches resumes exactly:
 `queued` items already taken from the source but not yet mixed in (the init sample), the
 `pending` rows waiting for the next shuffle, the shuffled `ready` rows not yet emitted, and
-the generator. `state_dict()` is a flat tensor dict (safetensors-ready).
+the generator (`tensors()`: a flat tensor dict; `state_dict()`: the Stateful protocol).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+
+from framework.stateful import Saved, State, StateDict
 
 Batch = dict[str, torch.Tensor]
 
@@ -79,7 +81,18 @@ class MixingBuffer:
             yield from self._drain()
 
     # -- checkpointing ------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> StateDict:
+        """This rank's rows and generator (a local part; framework/stateful.py)."""
+        return StateDict(local=State(self.tensors()))
+
+    def load_state_dict(self, saved: Saved) -> None:
+        """Exactly where it was on the same rank of the same layout; otherwise the buffer
+        starts empty (another world size or placement: the rows belonged to other ranks)."""
+        mine = saved.mine()
+        if mine is not None:
+            self.load_tensors({k: mine.tensors[k] for k in mine.tensors.keys()})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
         """Keys: ready.<site>, pending.<site>, queued.<i>.<site>, generator, shape."""
         out: dict[str, torch.Tensor] = {
             "generator": self.generator.get_state(),
@@ -94,7 +107,7 @@ class MixingBuffer:
             out |= {f"queued.{i}.{k}": cpu(v) for k, v in item.items()}
         return out
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_tensors(self, state: dict[str, torch.Tensor]) -> None:
         capacity, batch_size, n_queued = (int(v) for v in state["shape"])
         if (capacity, batch_size) != (self.capacity, self.batch_size):
             raise ValueError(f"buffer state has capacity/batch {capacity}/{batch_size}, "

@@ -134,13 +134,13 @@ def _train_command(args, extra: list[str]) -> int:
 def _checkpoint_command(args, extra: list[str]) -> int:
     import json  # noqa: PLC0415
 
-    from framework import checkpoint  # noqa: PLC0415
+    from framework import export  # noqa: PLC0415
 
     if args.command == "inspect":
-        rows = checkpoint.inspect_run(args.run_dir)
-        print(json.dumps(rows, indent=2) if args.json else checkpoint.format_inspection(args.run_dir, rows))
+        rows = export.inspect_run(args.run_dir)
+        print(json.dumps(rows, indent=2) if args.json else export.format_inspection(args.run_dir, rows))
         return 0 if rows else 1
-    for folder in checkpoint.export_checkpoint(args.run_dir, args.checkpoint, args.out):
+    for folder in export.export_checkpoint(args.run_dir, args.checkpoint, args.out):
         print(f"exported {folder}")
     return 0
 

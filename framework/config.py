@@ -26,6 +26,10 @@ from framework.schema import (  # noqa: F401  (re-exported: the config API in on
 )
 
 
+# component names of a checkpoint (framework/train.py) and its own files: no SAE may take them
+RESERVED_NAMES = {"state", "source", "buffer", "rng", "logger", "manifest", "config"}
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read YAML, apply `a.b.c=value` overrides (values parsed as YAML), build and validate."""
     cfg = read_config(path, overrides)
@@ -84,8 +88,9 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.dist.sae_placement != "layer" or not cfg.dist.strategy.startswith("zero"),
            "dist.strategy: ZeRO shards an SAE over the ranks that train it, but with dist.sae_placement=layer "
            "each SAE is trained whole by one rank; use dist.strategy: ddp there")
-    _check(not cfg.dist.strategy.startswith("zero") or cfg.train.optimizer == "adam",
-           f"dist.strategy: {cfg.dist.strategy} needs train.optimizer: adam (DeepSpeed takes torch optimizers)")
+    _check(not cfg.dist.strategy.startswith("zero") or cfg.train.optimizer in optim.ZERO_COMPATIBLE,
+           f"dist.strategy: {cfg.dist.strategy} needs train.optimizer: {' or '.join(sorted(optim.ZERO_COMPATIBLE))} "
+           "(DeepSpeed takes torch optimizers)")
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s: must be > 0 (seconds any rank waits for the others)")
     _check(cfg.dist.latent_shards >= 1, "dist.latent_shards: must be >= 1 (1 = every rank holds whole SAEs)")
     _check(cfg.dist.latent_shards == 1 or (cfg.dist.strategy == "ddp" and cfg.dist.sae_placement == "replicated"),
@@ -130,6 +135,9 @@ def validate(cfg: RunConfig) -> None:
         if not s.name:
             s.name = (s.site + ("-" + s.output_site if s.output_site else "")).replace(".", "_").replace(":", "_") or f"sae{i}"
         _check(s.name not in names, f"{key}.name: duplicate SAE name '{s.name}'")
+        _check(s.name not in RESERVED_NAMES and not s.name.startswith("rank_") and "/" not in s.name,
+               f"{key}.name: '{s.name}' names a checkpoint file of the run itself (reserved: {sorted(RESERVED_NAMES)}, "
+               "rank_*, no '/'); choose another name")
         names.add(s.name)
         _choice(s.kind, kinds.SAE_KINDS, f"{key}.kind")
         kinds.parse_options(s.kind, s.options, f"{key}.options")
@@ -163,7 +171,3 @@ def validate(cfg: RunConfig) -> None:
                f"needs a transcoder ({key}.output_site set and different from {key}.site), not an SAE")
         _check(not s.skip_connection or cfg.dist.latent_shards == 1,
                f"{key}.skip_connection: not supported with dist.latent_shards > 1 (the latent shards do not hold W_skip)")
-    lm_grad_saes = [s.name for s in cfg.saes if kinds.SAE_KINDS[s.kind].needs_lm_grad]
-    _check(t.grad_accumulation_steps == 1 or not lm_grad_saes,
-           f"train.grad_accumulation_steps: {lm_grad_saes} take one LM-loss gradient per whole batch (set_grad), which "
-           "is not split into micro-batches; use train.grad_accumulation_steps: 1 with these kinds")

@@ -29,10 +29,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from framework import hooks
-from framework.activations import LLMSource
 from framework.errors import DataError
-from framework.llm import is_causal_lm
 
 DENSE_THRESHOLD = 0.1
 
@@ -144,19 +141,10 @@ def _kl_sum(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (p_log.exp() * (p_log - q_log)).sum()
 
 
-def _replacement(keep: torch.Tensor, new_values):
-    """A splice function: positions in `keep` get new_values(activation[keep]); others stay clean."""
-    def replace(act: torch.Tensor) -> torch.Tensor:
-        out = act.clone()
-        out[keep] = new_values(act[keep]).to(act.dtype)
-        return out
-    return replace
-
-
 @torch.no_grad()
-def splice_metrics(source: LLMSource, trainers: dict, n_tokens: int, reduce) -> dict[str, dict[str, float]]:
-    """delta CE, KL(clean||spliced) and CE recovered for each SAE on held-out sequences."""
-    model = source.model
+def splice_metrics(source, trainers: dict, n_tokens: int, reduce) -> dict[str, dict[str, float]]:
+    """delta CE, KL(clean||spliced) and CE recovered for each SAE on held-out sequences of a
+    source that `can_splice` (the LLM runs through its `logits`)."""
     sums = {name: {"ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for name in trainers}
     ce_clean, predicted, seen = 0.0, 0, 0
     with inference_saes(trainers) as saes:
@@ -166,18 +154,12 @@ def splice_metrics(source: LLMSource, trainers: dict, n_tokens: int, reduce) -> 
             seen += ids.numel()
             ids = ids.to(source.model_device)
             keep = source.sae_positions(ids)
-            clean = model(input_ids=ids, use_cache=False).logits
+            clean = source.logits(ids)
             ce_clean += _next_token_ce(clean, ids).item()
             predicted += ids[:, 1:].numel()
             for name, tr in trainers.items():
-                in_spec, out_spec = hooks.parse_site(tr.input_site), hooks.parse_site(tr.output_site)
-                with hooks.capture(model, [in_spec], stop_early=False) as inputs:
-                    def predict(act_at_keep, sae=saes[name], inputs=inputs):
-                        return sae.reconstruct(inputs[in_spec.name][keep])
-                    with hooks.splice(model, out_spec, _replacement(keep, predict)):
-                        spliced = model(input_ids=ids, use_cache=False).logits
-                with hooks.splice(model, out_spec, _replacement(keep, torch.zeros_like)):
-                    zero = model(input_ids=ids, use_cache=False).logits
+                spliced = source.logits(ids, tr.output_site, keep, saes[name].reconstruct, tr.input_site)
+                zero = source.logits(ids, tr.output_site, keep, lambda x: torch.zeros(()), tr.output_site)
                 sums[name]["ce_spliced"] += _next_token_ce(spliced, ids).item()
                 sums[name]["ce_zero"] += _next_token_ce(zero, ids).item()
                 sums[name]["kl"] += _kl_sum(clean, spliced).item()
@@ -217,7 +199,7 @@ def evaluate(source, trainers: dict, eval_tokens: int, splice_tokens: int, splic
             raise DataError("evaluation saw no held-out tokens (every held-out row was empty, special, NaN/Inf or an "
                             "outlier); add data or lower data.norm_outlier_factor")
     results = {name: s.result() for name, s in stats.items()}
-    if splice and isinstance(llm_source, LLMSource) and is_causal_lm(llm_source.model) and splice_tokens > 0:
+    if splice and llm_source.can_splice and splice_tokens > 0:
         for name, metrics in splice_metrics(llm_source, trainers, max(1, splice_tokens // world), reduce).items():
             results[name].update(metrics)
     return {"metrics": results, "stats": stats}

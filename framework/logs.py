@@ -8,29 +8,42 @@ import time
 from pathlib import Path
 
 from framework.schema import LogConfig
+from framework.stateful import Saved, State, StateDict
 
 log = logging.getLogger("sparsemill")
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, cfg: LogConfig, total_tokens: int, is_main: bool = True, start_tokens: int = 0):
-        """Only the main rank writes; the others still take part in the metric reductions."""
-        self.cfg = cfg
-        self.writer = None
-        if cfg.tensorboard and is_main:
+    """Writes only on the main rank (the others still take part in the metric reductions).
+    Nothing is created before `begin`, so a run refused at resume writes no log."""
+
+    def __init__(self, run_dir: Path, cfg: LogConfig, total_tokens: int, is_main: bool = True):
+        self.run_dir, self.cfg, self.total_tokens, self.is_main = run_dir, cfg, total_tokens, is_main
+        self.writer = self.bar = None
+        self.hist_tokens = 0  # tokens at the last density histogram (a checkpointed position)
+        self.start = self.last_time = time.perf_counter()
+        self.start_tokens = self.last_tokens = 0
+
+    def begin(self, tokens: int) -> None:
+        """Start logging at `tokens` (a resumed run: where it stopped): the clock, and on the
+        main rank the TensorBoard writer and the progress bar."""
+        self.start = self.last_time = time.perf_counter()
+        self.start_tokens = self.last_tokens = tokens
+        if self.cfg.tensorboard and self.is_main and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.bar = None
-        if cfg.progress and is_main:
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self.cfg.progress and self.is_main and self.bar is None:
             from tqdm import tqdm  # noqa: PLC0415
 
-            self.bar = tqdm(total=total_tokens, initial=start_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
-                            desc="train")
-        self.start = time.perf_counter()
-        self.start_tokens = start_tokens
-        self.last_tokens, self.last_time = start_tokens, self.start
-        self.hist_tokens = start_tokens
+            self.bar = tqdm(total=self.total_tokens, initial=self.start_tokens, unit="tok", unit_scale=True,
+                            dynamic_ncols=True, desc="train")
+
+    def state_dict(self) -> StateDict:
+        return StateDict(shared=State(meta={"hist_tokens": self.hist_tokens}) if self.is_main else None)
+
+    def load_state_dict(self, saved: Saved) -> None:
+        self.hist_tokens = saved.shared.meta["hist_tokens"] if saved.shared is not None else 0
 
     def on_step(self, step: int, tokens: int, trainers: dict) -> None:
         if self.bar is not None:

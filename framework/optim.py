@@ -16,6 +16,9 @@ from framework.schema import TrainConfig
 from framework.registry import Registry
 
 OPTIMIZERS: Registry[Callable[..., tuple]] = Registry("optimizer")
+# capabilities of the registered optimizers
+EVAL_WEIGHTS = {"signsgd_schedulefree"}  # evaluate at averaged weights: optimizer.eval() / .train()
+ZERO_COMPATIBLE = {"adam"}  # torch optimizers DeepSpeed ZeRO can partition
 
 # lr at 2^14 latents; scaled by 1/sqrt(n_latents / 2^14) (Gao et al. 2024's rule, kept: not
 # re-measured across widths).

@@ -1,62 +1,51 @@
-"""Optimizer state on disk in one layout for every strategy, so any checkpoint resumes under
-any other (ddp <-> zero1/2/3, any world size) and nothing is ever pickled.
+"""Optimizer state in one layout for every strategy, so any checkpoint resumes under any
+other (ddp <-> zero1/2/3, any world size, latent shards) and nothing is ever pickled.
 
-Per SAE a checkpoint holds
-    <sae>.optim.json                  the settings every rank shares: param-group
-                                      hyperparameters (lr...), the scheduler's state, and the
-                                      number of piece files
-    <sae>.optim.rank_R.safetensors    tensors `<param>.<key>` (exp_avg, exp_avg_sq, z, ...;
-                                      `<param>.master` for ZeRO's fp32 master weights)
-    <sae>.optim.rank_R.json           per parameter: full shape, which flat range of it the
-                                      piece holds (start, numel), its step count and keys
-A ZeRO run writes one piece file per rank (its partition); a torch optimizer (ddp, one
-process, latent shards gathered to the whole layout) writes one piece holding each tensor
-whole. A reader takes just the slices it needs from each file. ddp pieces carry no `master`:
-the module's weights are the master weights, and `SavedOptimizer` falls back to them.
+An SAE's optimizer state is saved as
+    settings    (JSON, shared) param-group hyperparameters (lr...) and the scheduler's state
+    pieces      each a (tensors, meta) pair: tensors `<param>.<key>` (exp_avg, exp_avg_sq,
+                z, ...; `<param>.master` for ZeRO's fp32 master weights) hold a flat range of
+                the parameter's flattened full tensor, and meta says, per parameter, its full
+                shape, the range (start, numel), its step count and keys
+A ZeRO run saves one piece per rank (its partition, in that rank's local state); a torch
+optimizer (one process, ddp, latent shards gathered to the whole layout) saves one piece of
+whole tensors, with the SAE's shared state. A reader (`SavedOptimizer`) takes from each piece
+just the slices it needs. Torch pieces carry no `master`: the module's weights are the
+master weights, and `SavedOptimizer` falls back to them.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from framework.errors import CheckpointError
 
-SETTINGS_SUFFIX = "optim.json"
+
+def param_names(module, optimizer) -> list[str]:
+    """The module's parameter names in the optimizer's order (the order of torch state dicts)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def piece_base(sae: str, index: int) -> str:
-    return f"{sae}.optim.rank_{index:05d}"
-
-
-def param_names(runner) -> list[str]:
-    """The runner's parameter names in its optimizer's order (the order of torch state dicts)."""
-    names = {id(p): n for n, p in runner.module.named_parameters()}
-    return [names[id(p)] for group in runner.optimizer.param_groups for p in group["params"]]
-
-
-def settings(runner, pieces: int) -> dict:
-    """What every rank's optimizer shares, as JSON: param-group hyperparameters (lr included),
-    the scheduler's state, and how many piece files were written."""
+def settings(optimizer, scheduler) -> dict:
+    """What every rank's optimizer shares, as JSON: param-group hyperparameters (lr included)
+    and the scheduler's state."""
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"}
-              for g in runner.optimizer.param_groups]
-    return {"world": pieces, "param_groups": groups,
-            "scheduler": runner.scheduler.state_dict() if runner.scheduler else None}
+              for g in optimizer.param_groups]
+    return {"param_groups": groups, "scheduler": scheduler.state_dict() if scheduler else None}
 
 
-def apply_settings(runner, saved: dict) -> None:
-    groups = runner.optimizer.param_groups
+def apply_settings(optimizer, scheduler, saved: dict) -> None:
+    groups = optimizer.param_groups
     if len(groups) != len(saved["param_groups"]):
         raise CheckpointError(f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, "
                               f"this one {len(groups)}")
     for group, values in zip(groups, saved["param_groups"]):
         group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in values.items()})
-    if runner.scheduler is not None and saved["scheduler"] is not None:
-        runner.scheduler.load_state_dict(saved["scheduler"])
+    if scheduler is not None and saved["scheduler"] is not None:
+        scheduler.load_state_dict(saved["scheduler"])
 
 
 def torch_pieces(optimizer_state: dict, names: list[str], global_steps: int) -> tuple[dict, dict]:
@@ -82,27 +71,23 @@ def torch_pieces(optimizer_state: dict, names: list[str], global_steps: int) -> 
 
 class SavedOptimizer:
     """One SAE's saved optimizer state, read as ranges of each parameter's flattened full
-    tensors whatever layout wrote it. `weights` (the checkpoint's module weights) stand in for
-    master weights that a torch-optimizer checkpoint does not store; their keys are the
-    optimizer's parameter names (the training objective's: `sae.<param>`)."""
+    tensors whatever layout wrote it. `pieces` are (meta, slice) pairs, slice(key, lo, hi)
+    reading elements lo..hi of a piece's flat tensor `key`; `weights` (the module's saved
+    weights, keyed by the optimizer's parameter names) stand in for master weights that a
+    torch-optimizer piece does not store."""
 
-    def __init__(self, path: Path, sae: str, weights: dict[str, torch.Tensor]):
-        settings_file = path / f"{sae}.{SETTINGS_SUFFIX}"
-        if not settings_file.is_file():
-            raise CheckpointError(f"{path.name}: no optimizer state for SAE '{sae}' ({settings_file.name} missing)")
-        self.settings = json.loads(settings_file.read_text())
-        self.weights = weights
-        self.files, self.params = [], {}
-        for index in range(self.settings["world"]):
-            base = piece_base(sae, index)
-            meta = json.loads((path / f"{base}.json").read_text())
-            self.files.append(path / f"{base}.safetensors")
+    def __init__(self, settings: dict, pieces: list[tuple[dict, object]], weights: dict):
+        if not pieces:
+            raise CheckpointError("the checkpoint holds no optimizer state for this SAE")
+        self.settings, self.weights, self.slices, self.params = settings, weights, [], {}
+        for index, (meta, read) in enumerate(pieces):
+            self.slices.append(read)
             for param, p in meta["params"].items():
                 entry = self.params.setdefault(param, {**p, "pieces": []})
                 entry["pieces"].append((index, p["start"], p["numel"]))
-            if index == 0:
-                self.counters = {k: meta[k] for k in ("global_steps", "skipped_steps")}
-                self.has_master = meta.get("has_master", True)
+        first = pieces[0][0]
+        self.counters = {k: first[k] for k in ("global_steps", "skipped_steps")}
+        self.has_master = first.get("has_master", True)
 
     def _param(self, name: str) -> dict:
         if name not in self.params:
@@ -127,8 +112,7 @@ class SavedOptimizer:
         for index, first, count in self._param(name)["pieces"]:
             lo, hi = max(start, first), min(start + numel, first + count)
             if lo < hi:
-                with safe_open(str(self.files[index]), framework="pt") as f:
-                    out[lo - start:hi - start] = f.get_slice(f"{name}.{key}")[lo - first:hi - first]
+                out[lo - start:hi - start] = self.slices[index](f"{name}.{key}", lo - first, hi - first)
                 filled += hi - lo
         if filled != numel:
             raise CheckpointError(f"{name}.{key}: the saved pieces cover {filled} of elements {start}..{start + numel}")
@@ -143,11 +127,11 @@ class SavedOptimizer:
                 out[name]["step"] = torch.tensor(p["step"])
         return out
 
-    def torch_state(self, runner) -> dict:
-        """A torch optimizer state dict for `runner`; hyperparameters and schedule are set
-        separately (apply_settings)."""
+    def torch_state(self, module, optimizer) -> dict:
+        """A torch optimizer state dict for `optimizer` (over `module`'s parameters);
+        hyperparameters and schedule are set separately (apply_settings)."""
         state = {}
-        for i, name in enumerate(param_names(runner)):
+        for i, name in enumerate(param_names(module, optimizer)):
             step, keys = self.step(name), self.keys(name)
             if step is None and not keys:  # saved before the first step
                 continue
@@ -156,4 +140,4 @@ class SavedOptimizer:
             if step is not None:
                 entry["step"] = torch.tensor(step, dtype=torch.float32)
             state[i] = entry
-        return {"state": state, "param_groups": runner.optimizer.state_dict()["param_groups"]}
+        return {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from framework.errors import ConfigError
+from framework.losses import TrainingBatch
 from framework.registry import Registry
 
 SAE_KINDS: Registry[type] = Registry("SAE kind")
@@ -65,6 +67,10 @@ class SAEBase(nn.Module):
     def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.output_scale
 
+    def normalize_lm_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """d(loss)/d(target) in normalised units: the target is scaled by output_scale."""
+        return grad / self.output_scale
+
     def input_offset(self) -> torch.Tensor:
         """Subtracted from inputs before encoding: b_dec for SAEs, nothing for transcoders."""
         return self.b_dec if not self.is_transcoder else self.b_dec.new_zeros(self.d_in)
@@ -97,10 +103,12 @@ class SAEBase(nn.Module):
 class TopKSAE(SAEBase):
     """Keeps the k largest relu pre-activations per token.
 
-    A new SAE kind subclasses this and registers itself in SAE_KINDS; it may override
-    `Options` (a dataclass of its hyperparameters), `forward` (selection; return extra loss
-    terms in SAEOutput.losses; `self.training` tells training from inference), `after_step`
-    (state updates after each optimizer step), `export_architecture` and `export_extra`.
+    A new SAE kind subclasses this and registers itself in SAE_KINDS (and is imported in
+    framework/kinds.py); it may override `Options` (a dataclass of its hyperparameters),
+    `forward` (selection; extra loss terms in SAEOutput.losses as this rank's shares of the
+    global batch's, built with the TrainingBatch it gets in training), `after_step` (state
+    updates after each optimizer step), `export_architecture` and `export_extra`, and declare
+    its capabilities (class attributes of SAEBase: `needs_lm_grad`, `variable_l0`, ...).
     """
 
     use_abs = False
@@ -130,9 +138,16 @@ class TopKSAE(SAEBase):
         out = kernels.sparse_decode(values, indices, self.decoder_weight)
         return out + self.b_dec if with_bias else out
 
-    def forward(self, x: torch.Tensor, k: int | None = None) -> SAEOutput:
+    def forward(self, x: torch.Tensor, k: int | None = None, batch: TrainingBatch | None = None) -> SAEOutput:
+        """`batch` (training only): the target, LM gradient and cross-rank reduction a kind's
+        own losses and selections may use (framework/losses.py); TopK needs none of them."""
         values, indices = self.encode(x, k)
         return SAEOutput(self.decode(values, indices), values, indices)
+
+    def training_batch(self, x: torch.Tensor, batch: TrainingBatch | None) -> TrainingBatch:
+        """`batch`, or one process's batch of `x` for a training forward called without one (an
+        SAE's target is its input; a transcoder's is unknown: its losses then ask for it)."""
+        return batch if batch is not None else TrainingBatch(target=None if self.is_transcoder else x)
 
     def after_step(self, out: SAEOutput) -> None:
         """Called (without grad) after each optimizer step; e.g. running thresholds."""
@@ -178,8 +193,6 @@ class SkipTranscoder:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not self.is_transcoder:
-            from framework.errors import ConfigError  # noqa: PLC0415
-
             raise ConfigError("skip_connection: a skip connection maps the input site to a different output site; "
                               "it needs a transcoder (set output_site), not an SAE")
         self.skip = SkipConnection(self.d_in, self.d_out)

@@ -64,6 +64,8 @@ import torch.distributed as dist
 from torch import nn
 
 import kernels
+from framework.losses import project_out_radial
+from framework.errors import ConfigError
 from framework.sae import SAE_KINDS, SAEBase, SAEOutput, TopKSAE
 
 __all__ = [
@@ -93,8 +95,6 @@ def shard_range(n_latents: int, rank: int, world: int) -> tuple[int, int]:
 
 def check_shardable(kind: str, n_latents: int, shards: int, key: str = "sae") -> None:
     """ConfigError (naming `key`) unless an SAE of this kind and width splits into `shards`."""
-    from framework.errors import ConfigError  # noqa: PLC0415
-
     if kind not in SHARDABLE_KINDS:
         raise ConfigError(f"{key}.kind: '{kind}' cannot be latent-sharded (dist.latent_shards={shards}): only "
                           f"{list(SHARDABLE_KINDS)} select a plain top k per token, which the shards agree on from "
@@ -274,7 +274,7 @@ class LatentShardedTopK(SAEBase):
         """Remove each decoder row's radial gradient component (rows are local: no comms)."""
         w, g = self.decoder_weight, self.decoder_weight.grad
         if g is not None:
-            g -= (g * w).sum(1, keepdim=True) * w
+            g.copy_(project_out_radial(g, w))
 
     def sharded_parameters(self) -> list[nn.Parameter]:
         return [self.encoder_weight, self.encoder_bias, self.decoder_weight]
@@ -304,7 +304,7 @@ class LatentShardedTopK(SAEBase):
         out = _ReduceFromShards.apply(partial, self.group)
         return out + self.b_dec if with_bias else out
 
-    def forward(self, x: torch.Tensor, k: int | None = None) -> ShardedSAEOutput:
+    def forward(self, x: torch.Tensor, k: int | None = None, batch=None) -> ShardedSAEOutput:
         values, indices = self.encode(x, k)
         return ShardedSAEOutput(self.decode(values, indices), values, indices, start=self.start)
 

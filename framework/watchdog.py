@@ -60,7 +60,7 @@ WAITS = {
     ("checkpoint.py", "save"): "writing checkpoint {name}",
     ("checkpoint.py", "resume"): "resuming from a checkpoint",
     ("checkpoint.py", "due"): "the wall-clock checkpoint decision",
-    ("train.py", "init_saes"): "sharing the initialisation sample",
+    ("placement.py", "init_saes"): "sharing the initialisation sample",
     ("train.py", "run_eval"): "an evaluation",
     ("train.py", "export_all"): "the final export",
     ("train.py", "_gather_dicts"): "gathering the metrics",
@@ -278,7 +278,7 @@ def describe_wait(frames) -> str:
             except (KeyError, IndexError, ValueError):
                 what = WAITS[key].split(" {")[0]
         if key == ("train.py", "_train"):
-            step = frame.f_locals.get("step")
+            step = getattr(frame.f_locals.get("progress"), "step", None)
     where = f"in {what}" if what else "outside the training loop"
     return where + (f" after step {step}" if isinstance(step, int) else "")
 

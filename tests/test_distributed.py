@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from framework.config import ConfigError, DataConfig, load_config
 from framework import text_data
-from framework.train import check_layout
+from framework.placement import check_layout
 
 WORKER = Path(__file__).parent / "workers" / "dist_sae_steps.py"
 STRATEGIES = ["ddp", "zero1", "zero2", "zero3"]
@@ -86,10 +86,10 @@ def test_inner_micro_steps_do_not_all_reduce(strategy_runs):
 
 
 EVERY_KIND_WORKER = Path(__file__).parent / "workers" / "every_kind_worker.py"
-# kinds whose selection is per token (their 1- and 2-rank trajectories agree); batch-level
-# kinds select over each rank's rows (gsae: normalises the LM gradient by its rank's batch RMS),
-# and vtopk samples noise per rank
-PER_TOKEN_KINDS = ["abstopk", "mpsae", "topafa", "topk"]
+# kinds whose selection is per token (their 1- and 2-rank trajectories agree: every loss term
+# is a share of the global batch's, framework/losses.py); batch-level kinds select over each
+# rank's rows, and vtopk samples its noise per rank
+PER_TOKEN_KINDS = ["abstopk", "gsae", "jumprelu", "matryoshka", "mpsae", "topafa", "topk"]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import yaml
 from framework import checkpoint, export
 from framework.cli import main
 from framework.config import load_config
-from framework.train import build_source, sae_sites
+from framework.placement import build_source, sae_sites
 from framework.sae_trainer import SAETrainer, total_steps_for
 
 EVAL_KEYS = {"fvu", "l0", "dead_frac", "dense_frac", "delta_ce", "kl", "ce_recovered"}
@@ -66,8 +66,8 @@ def test_llm_run_produces_everything(tmp_path, text_dir, capsys):
     sites = sae_sites(cfg, source)
     trainers = {s.name: SAETrainer(s, cfg.train, *sites[s.name], source.dims, total_steps_for(cfg.train),
                                    torch.device("cpu"), 99) for s in cfg.saes}
-    state = checkpoint.load_checkpoint(ckpt, trainers)
-    assert state["step"] == 24
+    checkpoint.restore(ckpt, trainers)
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 24
     x = next(source.batches("eval"))
     for name, tr in trainers.items():
         loaded = export.load_exported(run / "export" / name)

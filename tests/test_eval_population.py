@@ -91,5 +91,5 @@ def test_skip_counters_count_rows_once_per_split_and_survive_a_checkpoint(tmp_pa
     assert sum(next(train)["activations"].shape[0] for _ in range(1)) == 400 - 20  # one chunk: all 400 train rows
     assert src.skipped["train"]["nonfinite"] == 20
     again = FileSource(cfg, torch.device("cpu"), 0, eval_rows=200)
-    again.load_state_dict(src.state_dict())
+    again.load_stream_state(src.stream_state())
     assert again.skipped["train"] == src.skipped["train"]

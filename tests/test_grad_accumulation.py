@@ -28,15 +28,15 @@ def test_accumulated_step_is_the_step_of_the_mean_micro_batch_loss(accumulation)
     x = _batch(0)
     trainers = [_trainer(accumulation), _trainer(1)]
     for tr in trainers:
-        tr.sae.init_from_sample(x, x, True, "mean")
+        tr.init_from_sample(x, x, True, "mean")
         tr.tokens_since_fired[: N // 2] = 10**7  # half the latents dead: AuxK runs
     acc, ref = trainers
     metrics = acc.step(x, x)
 
     # reference: the same objective on each micro-batch, one backward of the mean, one step
-    runner, k = ref.stepper, annealed_k(ref.cfg, 0, ref.total_steps)
+    runner, k = ref.runner, annealed_k(ref.cfg, 0, ref.total_steps)
     dead = ref.dead_mask().nonzero().squeeze(1)
-    parts = [ref.objective(xm, xm, k, dead) for xm in x.split(B // accumulation)]
+    parts = [ref.runner.objective(xm, xm, k, dead) for xm in x.split(B // accumulation)]
     (sum(p[0] for p in parts) / accumulation).backward()
     runner.step()
     with torch.no_grad():

@@ -87,7 +87,7 @@ def test_outlier_filter_ignores_gradient_norms_and_buffer_keeps_rows_aligned(gpt
         out.append(batch)
         if i == 4:  # a checkpoint mid-stream keeps extra keys too
             restored = MixingBuffer(64, 16, 0, torch.device("cpu"))
-            restored.load_state_dict(buf.state_dict())
+            restored.load_tensors(buf.tensors())
             buf = restored
             out.extend(buf.batches(stream))
             break
@@ -110,21 +110,18 @@ def _run_config(tmp_path, text_dir, *extra):
 
 def test_train_hands_each_batch_its_gradient(tmp_path, text_dir, monkeypatch):
     received, differs = [], []
-    set_grad, forward = GradientSAE.set_grad, GradientSAE.forward
+    forward = GradientSAE.forward
 
-    def spy_set_grad(self, grad_raw):
-        received.append(None if grad_raw is None else tuple(grad_raw.shape))
-        set_grad(self, grad_raw)
-
-    def spy_forward(self, x, k=None, grad=None, target=None):
-        pending = self._pending_grad is not None and self.training
-        out = forward(self, x, k, grad, target)
-        if pending:  # the same weights, plain TopK: does the gradient change the selection?
+    def spy_forward(self, x, k=None, batch=None):
+        given = batch is not None and batch.lm_grad is not None and self.training
+        if self.training:
+            received.append(tuple(batch.lm_grad.shape) if given else None)
+        out = forward(self, x, k, batch)
+        if given:  # the same weights, plain TopK: does the gradient change the selection?
             _, topk = self.encode(x, k or self.k)
             differs.append(float((out.indices.sort(1).values != topk.sort(1).values).any(1).float().mean()))
         return out
 
-    monkeypatch.setattr(GradientSAE, "set_grad", spy_set_grad)
     monkeypatch.setattr(GradientSAE, "forward", spy_forward)
     summary = train(_run_config(tmp_path, text_dir))
     assert summary["steps"] == 8

@@ -172,7 +172,7 @@ def _synthetic_trainer(options, n=128, k=6, steps=120):
     cfg = SAEConfig(name="j", kind="jumprelu", n_latents=n, k=k, options=options, dead_after_tokens=4096, lr=4e-3)
     tr = SAETrainer(cfg, TrainConfig(warmup_steps=5, total_tokens=steps * 256, batch_size=256), "x", "x", {"x": D},
                     steps, torch.device("cpu"), 0)
-    tr.sae.init_from_sample(x[:1024], x[:1024], True, "geometric_median")
+    tr.init_from_sample(x[:1024], x[:1024], True, "geometric_median")
     return tr, x[1024:]
 
 
@@ -297,7 +297,8 @@ def test_stop_and_resume_is_bitwise_equal_to_a_straight_run(tmp_path, text_dir, 
     assert {"sae.log_threshold", "sae.log_coef", "sae.coef_integral", "sae.coef_steps", "sae.width_hint"} <= set(state["j"])
     assert int(state["j"]["sae.coef_steps"]) == 14
     if layout is _skip_transcoder_run:
-        from framework.checkpoint import CheckpointError, export_checkpoint  # noqa: PLC0415
+        from framework.errors import CheckpointError  # noqa: PLC0415
+        from framework.export import export_checkpoint  # noqa: PLC0415
 
         assert all("sae.skip.weight" in state[s] and state[s]["sae.skip.weight"].abs().sum() > 0 for s in state)
         for folder in export_checkpoint(tmp_path / "straight"):  # `sparsemill export` = the live export
@@ -326,7 +327,7 @@ def test_saelens_loads_the_export_and_computes_the_same(tmp_path, d_out):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(512, D, generator=g) * 4 + 2
     y = torch.randn(512, d_out, generator=g) + x[:, :d_out] if d_out else x
-    tr.sae.init_from_sample(x, y, True, "geometric_median")
+    tr.init_from_sample(x, y, True, "geometric_median")
     for _ in range(5):
         tr.step(x, y)
     folder = export.export_sae(tr.sae, tmp_path / "e", "jumprelu", {"hook_name": "blocks.0.hook_resid_post"})

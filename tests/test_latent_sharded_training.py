@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 from framework.cli import main
 from framework.config import ConfigError, load_config
 from framework.export import folded_tensors, load_exported
-from framework.optimizer_state import SavedOptimizer
+from framework import checkpoint
+from framework.runners import saved_optimizer
 from framework.kinds import build_sae
-from framework.train import check_layout
+from framework.placement import check_layout
 
 SAE = {"name": "s", "n_latents": 128, "k": 4, "dead_after_tokens": 128, "aux_k": 8}  # dead after 1 batch
 STEPS = 8  # fp32: the shards sum x_hat in another order; over long runs a near-tie in some
@@ -65,8 +66,8 @@ def _checkpoint(run: Path, step: int) -> dict:
     return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "s.safetensors"))
 
 
-def _optimizer(run: Path, step: int) -> SavedOptimizer:
-    return SavedOptimizer(run / "checkpoints" / f"step_{step:08d}", "s", {})
+def _optimizer(run: Path, step: int):
+    return saved_optimizer(checkpoint.read_saved(run / "checkpoints" / f"step_{step:08d}", "s"))
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -207,7 +208,7 @@ def test_llm_run_with_latent_shards_matches_one_process(tmp_path, text_dir):
 
 def test_resuming_under_another_number_of_latent_shards_is_refused(tmp_path):
     """The data layout (which ranks read which batches) depends on dist.latent_shards."""
-    from framework.checkpoint import config_differences  # noqa: PLC0415
+    from framework.compatibility import config_differences  # noqa: PLC0415
 
     base = [f"data.activations_dir={tmp_path}", "data.source=activations", "saes=[{name: s, n_latents: 64, k: 4}]"]
     saved, now = (load_config(None, [*base, f"dist.latent_shards={t}"]).to_dict() for t in (2, 1))

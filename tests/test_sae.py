@@ -41,12 +41,12 @@ def test_module_gradients_match_dense_autograd():
 def test_decoder_projection_and_renorm_keep_unit_rows():
     tr = _trainer()
     x = torch.randn(64, 8)
-    tr.sae.init_from_sample(x, x, True, "mean")
+    tr.init_from_sample(x, x, True, "mean")
     tr.step(x, x)
     norms = tr.sae.decoder_weight.norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
     sae = tr.sae
-    loss = tr.objective(x, x, 4, None)[0]
+    loss = tr.runner.objective(x, x, 4, None)[0]
     loss.backward()  # the objective's gradient hook removes each row's radial component
     radial = (sae.decoder_weight.grad * sae.decoder_weight).sum(1)
     assert radial.abs().max() < 1e-6 < sae.decoder_weight.grad.abs().max()
@@ -55,7 +55,7 @@ def test_decoder_projection_and_renorm_keep_unit_rows():
 def test_auxk_trains_only_dead_latents_and_is_zero_without_dead():
     tr = _trainer(n=64, k=1, aux_k=4, dead_after_tokens=1, lr=1e-4)
     x = torch.randn(16, 8)
-    tr.sae.init_from_sample(x, x, True, "mean")
+    tr.init_from_sample(x, x, True, "mean")
     m0 = tr.step(x, x)
     assert m0.aux_loss.item() == 0.0  # nothing can be dead before the first step
     dead = tr.dead_mask()
@@ -67,7 +67,7 @@ def test_auxk_trains_only_dead_latents_and_is_zero_without_dead():
     assert not torch.equal(before[dead], tr.sae.encoder_weight.detach()[dead])
     # without it they cannot (they are selected by nobody)
     tr2 = _trainer(n=64, k=1, aux_k=4, aux_coef=0.0, dead_after_tokens=1, lr=1e-4)
-    tr2.sae.init_from_sample(x, x, True, "mean")
+    tr2.init_from_sample(x, x, True, "mean")
     tr2.step(x, x)
     dead2 = tr2.dead_mask()
     grads = []
@@ -94,7 +94,7 @@ def test_export_reload_reconstructs_identically(tmp_path, kind, d_out):
     tr = _trainer(d=8, n=32, k=4, d_out=d_out, kind=kind)
     x = torch.randn(256, 8) * 7 + 3
     y = torch.randn(256, d_out) * 0.3 if d_out else x
-    tr.sae.init_from_sample(x, y, True, "geometric_median")
+    tr.init_from_sample(x, y, True, "geometric_median")
     with torch.no_grad():  # powers of two: folding them into the weights is exact (no near-tie can flip)
         for scale in (tr.sae.input_scale, tr.sae.output_scale):
             scale.copy_(2.0 ** torch.round(torch.log2(scale)))

@@ -66,29 +66,27 @@ def test_training_moves_the_skip_jointly_and_keeps_only_decoder_rows_unit(kind):
     torch.manual_seed(0)
     tr = _trainer(kind)
     x, y = _data()
-    tr.sae.init_from_sample(x, y, True, "mean")
+    tr.init_from_sample(x, y, True, "mean")
     fvu = []
     for _ in range(8):
-        if tr.sae.needs_lm_grad:
-            tr.sae.set_grad(torch.randn(512, D_OUT))
-        fvu.append(tr.step(x, y).fvu.item())
+        fvu.append(tr.step(x, y, torch.randn(512, D_OUT) if tr.sae.needs_lm_grad else None).fvu.item())
     w = tr.sae.skip.weight
     assert w.abs().sum() > 0 and not torch.allclose(w.norm(dim=1), torch.ones(D_OUT))
     torch.testing.assert_close(tr.sae.decoder_weight.norm(dim=1), torch.ones(N))
     assert fvu[-1] < fvu[0], fvu
-    assert "sae.skip.weight" not in tr.state_tensors() and "skip.weight" in tr.state_tensors()
+    assert "sae.skip.weight" not in tr.runner.whole_weights() and "skip.weight" in tr.runner.whole_weights()
 
 
 def test_matryoshka_prefix_losses_include_the_skip():
-    from framework.variants.common import normalized_mse  # noqa: PLC0415
+    from framework.losses import TrainingBatch, normalized_mse  # noqa: PLC0415
 
     tr = _trainer("matryoshka")
     x, y = _data(64)
-    tr.sae.init_from_sample(x, y, True, "mean")
+    tr.init_from_sample(x, y, True, "mean")
     with torch.no_grad():
         tr.sae.skip.weight.normal_()
     xn, yn = tr.sae.normalize_input(x), tr.sae.normalize_target(y)
-    out = tr.sae(xn)
+    out = tr.sae(xn, batch=TrainingBatch(yn))
     codes = torch.where(out.indices < 8, out.values, torch.zeros(()))
     prefix = codes.new_zeros(64, D_OUT).index_add_(0, torch.arange(64).repeat_interleave(codes.shape[1]),
                                                    codes.reshape(-1, 1) * tr.sae.decoder_weight[out.indices.reshape(-1)])
@@ -100,7 +98,7 @@ def test_skip_learns_the_linear_part_and_eval_reports_what_it_explains():
     torch.manual_seed(0)
     tr = _trainer("topk", lr=1e-2)
     x, y = _data(2048)
-    tr.sae.init_from_sample(x, y, True, "mean")
+    tr.init_from_sample(x, y, True, "mean")
     for step in range(60):
         rows = slice((step % 4) * 512, (step % 4 + 1) * 512)
         tr.step(x[rows], y[rows])
@@ -151,7 +149,7 @@ def test_export_folds_w_skip_and_saelens_computes_the_same(tmp_path, kind, arch)
     torch.manual_seed(1)
     tr = _trainer(kind)
     x, y = _data(1024, seed=2)
-    tr.sae.init_from_sample(x, y, True, "geometric_median")
+    tr.init_from_sample(x, y, True, "geometric_median")
     for _ in range(6):
         tr.step(x, y)
     folder = export.export_sae(tr.sae, tmp_path / "e", kind, {"hook_name": "blocks.0.ln2.hook_normalized",

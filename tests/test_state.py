@@ -22,14 +22,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from framework import checkpoint, durable, text_data
+from framework import checkpoint, durable, export, text_data
 from framework.activations import FileSource, merge_positions
 from framework.buffer import MixingBuffer
-from framework.checkpoint import CheckpointError, InvalidCheckpoint, compatibility, verify
+from framework.checkpoint import InvalidCheckpoint, verify
+from framework.compatibility import FORMAT, compatibility
+from framework.errors import CheckpointError
 from framework.cli import main
 from framework.config import DataConfig, load_config
 from framework.export import load_exported
-from framework.optimizer_state import SavedOptimizer
+from framework.runners import saved_optimizer
 from framework.llm import byte_tokenizer
 from framework.train import train
 
@@ -179,9 +181,9 @@ def test_mixing_buffer_resumes_from_any_batch():
         taken = [0]
         gen = buf.batches(counted(items[3:], taken))
         got = [next(gen) for _ in range(cut)]
-        state = {k: v.clone() for k, v in buf.state_dict().items()}
+        state = {k: v.clone() for k, v in buf.tensors().items()}
         fresh = make()
-        fresh.load_state_dict(state)
+        fresh.load_tensors(state)
         got += list(fresh.batches(iter(items[3 + taken[0]:])))
         assert len(got) == len(expected)
         for x, y in zip(got, expected):
@@ -215,9 +217,9 @@ def test_file_position_resumes_across_epochs_and_merges_for_other_world_sizes(tm
     expected = [b["activations"] for b in itertools.islice(src.batches("train"), 14)]  # > 2 epochs of 4 chunks
     first = source()
     head = [b["activations"] for b in itertools.islice(first.batches("train"), 6)]
-    state = json.loads(json.dumps(first.state_dict()))
+    state = json.loads(json.dumps(first.stream_state()))
     second = source()
-    second.load_state_dict(state)
+    second.load_stream_state(state)
     tail = [b["activations"] for b in itertools.islice(second.batches("train"), 8)]
     assert all(torch.equal(a, b) for a, b in zip(head + tail, expected))
 
@@ -226,13 +228,13 @@ def test_file_position_resumes_across_epochs_and_merges_for_other_world_sizes(tm
     seen = [[b["activations"][0, 0].item() for b in itertools.islice(s.batches("train"), n)]
             for s, n in zip(ranks, (1, 2))]
     merged = source()
-    merged.load_position(merge_positions([s.state_dict()["position"] for s in ranks]))
+    merged.load_position(merge_positions([s.stream_state()["position"] for s in ranks]))
     after = [b["activations"][0, 0].item() for b in itertools.islice(merged.batches("train"), 2)]
     assert not set(after) & set(seen[0] + seen[1])
 
 
 def test_world_size_and_strategy_transitions():
-    manifest = {"format": checkpoint.FORMAT, "world_size": 2, "strategy": "ddp", "sae_placement": "replicated"}
+    manifest = {"format": FORMAT, "world_size": 2, "strategy": "ddp", "sae_placement": "replicated"}
     assert compatibility(manifest, 2, "ddp", "replicated") == "exact"
     assert compatibility(manifest, 1, "ddp", "replicated") == "elastic"
     assert compatibility(manifest, 4, "ddp", "layer") == "elastic"
@@ -245,16 +247,17 @@ def test_world_size_and_strategy_transitions():
     with pytest.raises(CheckpointError, match=r"zero2/replicated on 2 rank\(s\) cannot resume as zero3/layer on 2 "
                                               r"rank\(s\): ZeRO does not combine with dist.sae_placement=layer"):
         compatibility(zero, 2, "zero3", "layer")
-    # formats 2 and 3 kept optimizer state in pickles (DeepSpeed's; torch.save for ddp): refused
-    # unopened; format 3's ZeRO pieces are today's layout
+    # formats 2 and 3 kept optimizer state in pickles (DeepSpeed's; torch.save for ddp) or in an
+    # older layout: refused unopened
     with pytest.raises(CheckpointError, match="format 2, zero2.*DeepSpeed checkpoint is a pickle.*--no-resume"):
         compatibility({**zero, "format": 2}, 2, "zero2", "replicated")
     for fmt in (2, 3):
         with pytest.raises(CheckpointError, match=rf"format {fmt}, ddp.*optim.pt\) is a pickle, which this version never"):
             compatibility({**manifest, "format": fmt}, 1, "ddp", "replicated")
-    assert compatibility({**zero, "format": 3}, 2, "ddp", "replicated") == "elastic"
-    with pytest.raises(CheckpointError, match=f"this version reads format {checkpoint.FORMAT}"):
-        compatibility({**manifest, "format": checkpoint.FORMAT + 1}, 2, "ddp", "replicated")
+    with pytest.raises(CheckpointError, match="format 3, zero2.*this version reads format"):
+        compatibility({**zero, "format": 3}, 2, "ddp", "replicated")
+    with pytest.raises(CheckpointError, match=f"this version reads format {FORMAT}"):
+        compatibility({**manifest, "format": FORMAT + 1}, 2, "ddp", "replicated")
 
 
 class _Planted:
@@ -330,7 +333,8 @@ def test_every_kind_resumes_bitwise(tmp_path, text_dir, monkeypatch):
         path, [f"run_dir={run}", "train.total_tokens=1280", "train.checkpoint_every=0", f"saes={json.dumps(saes)}"]))
     _same_weights(_final(tmp_path / "straight"), _final(tmp_path / "stopped"), sorted(SAE_KINDS))
     for kind in sorted(SAE_KINDS):
-        a, b = (SavedOptimizer(_final(tmp_path / run), kind, {}).whole() for run in ("straight", "stopped"))
+        a, b = (saved_optimizer(checkpoint.read_saved(_final(tmp_path / run), kind)).whole()
+                for run in ("straight", "stopped"))
         assert all(torch.equal(a[p][k], b[p][k]) for p in a for k in a[p]), kind
 
 
@@ -393,7 +397,7 @@ def test_corrupted_latest_falls_back_and_still_ends_bitwise(tmp_path, reference,
         problem = "no manifest.json"
     with pytest.raises(InvalidCheckpoint, match=problem):
         verify(latest)
-    assert f"INVALID: step_00000024: " in checkpoint.format_inspection(run, checkpoint.inspect_run(run))
+    assert f"INVALID: step_00000024: " in export.format_inspection(run, export.inspect_run(run))
     train(load_config(path))
     assert "falling back to an older one" in caplog.text and problem in caplog.text
     assert "resuming from" in caplog.text and "step_00000022" in caplog.text
@@ -495,7 +499,7 @@ def test_schedule_free_saves_do_not_perturb_training_and_export_eval_weights(tmp
     tensors = load_file(str(_final(runs[1]) / "s.safetensors"))
     assert any(k.startswith("eval.") for k in tensors)
     assert not torch.equal(tensors["eval.encoder_weight"], tensors["sae.encoder_weight"])
-    checkpoint.export_checkpoint(runs[1], out=tmp_path / "out")
+    export.export_checkpoint(runs[1], out=tmp_path / "out")
     x = torch.randn(200, 16)
     for name in ("s", "abs"):
         live, ckpt = load_exported(runs[1] / "export" / name), load_exported(tmp_path / "out" / name)
@@ -692,8 +696,9 @@ def test_zero_checkpoints_hold_no_pickles_and_each_rank_writes_its_partition(lay
             yaml.safe_load(f.read_text())
     for sae in ("s", "abs"):
         live = load_file(str(folder / "dump" / f"saved_6.{sae}.safetensors"))  # DeepSpeed's own full view
-        metas = [json.loads((path / f"{sae}.optim.rank_{r:05d}.json").read_text()) for r in range(2)]
-        pieces = SavedOptimizer(path, sae, {})
+        saved = checkpoint.read_saved(path, sae)
+        metas = [part.meta["pieces"] for part in saved.local]  # each rank's own partition
+        pieces = saved_optimizer(saved)
         total = 0
         for param in {p for m in metas for p in m["params"]}:
             shape = metas[0]["params"].get(param, metas[1]["params"].get(param))["shape"]

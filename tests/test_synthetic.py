@@ -213,7 +213,7 @@ def _train(gen: SyntheticActivations, steps: int, batch: int, n_latents: int, k:
     cfg = SAEConfig(n_latents=n_latents, k=k, lr=lr, dead_after_tokens=20 * batch)
     tcfg = TrainConfig(total_tokens=steps * batch, batch_size=batch, optimizer=optimizer, warmup_steps=10)
     tr = SAETrainer(cfg, tcfg, "x", "x", {"x": gen.cfg.d}, steps, torch.device("cpu"), seed=seed)
-    tr.sae.init_from_sample(x[:4096], x[:4096], True, "geometric_median")
+    tr.init_from_sample(x[:4096], x[:4096], True, "geometric_median")
 
     def fvu():
         return reconstruction_metrics({"s": tr}, [{"x": eval_x}], 4096)["s"].result()["fvu"]

@@ -317,6 +317,7 @@ def test_gsae_runs_on_the_kernels(monkeypatch):
     """g-SAE's gradient-weighted selection is followed by kernels.encode_at (no reference
     primitives): under the interpreter dispatch it runs the Triton kernels, and matches the
     explicit PyTorch backend."""
+    from framework.losses import TrainingBatch  # noqa: PLC0415
     from framework.variants.gsae import GradientSAE  # noqa: PLC0415
 
     monkeypatch.setattr(dispatch, "_triton_backend", lambda: T)
@@ -330,7 +331,7 @@ def test_gsae_runs_on_the_kernels(monkeypatch):
     for backend in ("auto", "torch"):
         monkeypatch.setenv("SPARSEMILL_KERNELS", backend)
         sae.zero_grad()
-        out = sae(x, grad=grad)
+        out = sae(x, batch=TrainingBatch(x, grad))
         out.x_hat.pow(2).sum().backward()
         results.append((out.x_hat.detach(), sae.encoder_weight.grad.clone(), sae.decoder_weight.grad.clone()))
     assert calls == [1]

@@ -12,6 +12,7 @@ import framework.kinds  # noqa: F401  (registers the kinds)
 from framework import export
 from framework.config import ConfigError, SAEConfig, TrainConfig, load_config
 from framework.kinds import SAE_KINDS, build_sae
+from framework.losses import TrainingBatch, normalized_mse
 from framework.sae_trainer import SAETrainer
 from framework.variants import common
 from framework.lm_grads import lm_activation_grads
@@ -248,25 +249,28 @@ def test_gsae_selection_and_gradients_match_dense():
     sae = _sae("gsae", beta=4.0, latent_chunk=5)  # several tiles: the running top-k merge is exercised
     x = _x()
     g = _x(seed=7) * 3
-    out = sae(x, grad=g)
+    out = sae(x, batch=TrainingBatch(x, g))
     torch.testing.assert_close(_dense(out.values, out.indices), _dense_gsae(sae, x, g, 4.0).detach())
     plain = build_sae("topk", D, N, K).double()
     plain.load_state_dict(sae.state_dict(), strict=False)
     assert not torch.equal(_dense(out.values, out.indices), _dense(*plain.encode(x)))  # the gradient changed choices
-    _compare_grads(sae, lambda: _loss(sae, sae(x, grad=g), x), lambda: _dense_loss(sae, _dense_gsae(sae, x, g, 4.0), x))
+    _compare_grads(sae, lambda: _loss(sae, sae(x, batch=TrainingBatch(x, g)), x),
+                   lambda: _dense_loss(sae, _dense_gsae(sae, x, g, 4.0), x))
 
 
-def test_gsae_pending_gradient_is_used_once_and_only_in_training():
+def test_gsae_gradient_comes_with_the_training_batch_only():
+    """The gradient reaches the forward as an argument (no state kept between calls): with
+    it the training selection is tilted, without it (or at inference) it is plain TopK."""
     sae = _sae("gsae", beta=4.0)
     x, g = _x(), _x(seed=7)
-    with_grad = sae(x, grad=g)
-    sae.set_grad(g * sae.output_scale)  # raw units
-    torch.testing.assert_close(sae(x).values, with_grad.values)
-    plain = sae(x)  # consumed: plain TopK now
+    with_grad = sae(x, batch=TrainingBatch(x, g))
+    assert not torch.equal(_dense(with_grad.values, with_grad.indices), _dense(*sae.encode(x)))
+    torch.testing.assert_close(sae(x, batch=TrainingBatch(x, g)).values, with_grad.values)
+    plain = sae(x)
     torch.testing.assert_close(_dense(plain.values, plain.indices), _dense(*sae.encode(x)))
     sae.eval()
-    sae.set_grad(g)
-    torch.testing.assert_close(_dense(sae(x).values, sae(x).indices), _dense(*sae.encode(x)))
+    at_inference = sae(x, batch=TrainingBatch(x, g))
+    torch.testing.assert_close(_dense(at_inference.values, at_inference.indices), _dense(*sae.encode(x)))
 
 
 def test_lm_activation_grads_is_the_loss_gradient():
@@ -386,14 +390,14 @@ def test_matryoshka_prefix_losses_match_dense(selection):
 def test_matryoshka_transcoder_uses_the_target_not_the_input():
     tr = _trainer("matryoshka", d_out=5, options={"prefixes": [4]})
     x, y = torch.randn(64, D), torch.randn(64, 5) * 3
-    tr.sae.init_from_sample(x, y, True, "mean")
+    tr.init_from_sample(x, y, True, "mean")
     xn, yn = tr.sae.normalize_input(x), tr.sae.normalize_target(y)  # what the step does
-    out = tr.sae(xn)
+    out = tr.sae(xn, batch=TrainingBatch(yn))
     prefix = tr.sae.prefix_reconstruction(out.values, out.indices, 4)
-    torch.testing.assert_close(out.losses["matryoshka"], common.normalized_mse(prefix, yn))
-    with pytest.raises(RuntimeError, match="target"):
-        tr.sae(xn)  # the target was consumed
-    tr.step(x, y)  # the real step works
+    torch.testing.assert_close(out.losses["matryoshka"], normalized_mse(prefix, yn))
+    with pytest.raises(ValueError, match="target"):
+        tr.sae(xn)  # a transcoder's prefix losses need its target: no batch, no target
+    tr.step(x, y)  # the real step hands it over
 
 
 # ----------------------------------------------------------------------------- vtopk
@@ -444,16 +448,14 @@ def test_export_reload_reconstructs_identically(tmp_path, kind, d_out, options, 
     tr = _trainer(kind, d=8, n=32, k=4, d_out=d_out, options=options)
     x = torch.randn(256, 8) * 5 + 2
     y = torch.randn(256, d_out) * 0.3 + x[:, :d_out] if d_out else x
-    tr.sae.init_from_sample(x, y, True, "geometric_median")
+    tr.init_from_sample(x, y, True, "geometric_median")
     # Powers of two: folding the scales into the weights is then exact, so the export selects
     # exactly what we select (other scales round at 1 ulp and may flip a near-tie, on some CPUs)
     with torch.no_grad():
         for scale in (tr.sae.input_scale, tr.sae.output_scale):
             scale.copy_(2.0 ** torch.round(torch.log2(scale)))
     for step in range(6):
-        if kind == "gsae":
-            tr.sae.set_grad(torch.randn(256, d_out or 8))
-        tr.step(x, y)
+        tr.step(x, y, torch.randn(256, d_out or 8) if tr.sae.needs_lm_grad else None)
     folder = export.export_sae(tr.sae, tmp_path / "e", kind, {})
     loaded = export.load_exported(folder)
     assert type(loaded) is type(tr.sae)
@@ -477,18 +479,16 @@ def test_trainer_step_runs_for_every_kind_and_reports_its_l0(kind):
     unit-norm decoder rows, and reports L0 = the batch's mean number of distinct active latents."""
     tr = _trainer(kind, n=32, k=4)
     x = torch.randn(128, D, generator=torch.Generator().manual_seed(5))
-    tr.sae.init_from_sample(x, x, True, "mean")
+    tr.init_from_sample(x, x, True, "mean")
     steps = []
     for _ in range(3):
-        if tr.sae.needs_lm_grad:
-            tr.sae.set_grad(torch.randn(128, D))
-        steps.append(m := tr.step(x, x))
+        steps.append(m := tr.step(x, x, torch.randn(128, D) if tr.sae.needs_lm_grad else None))
     assert math.isfinite(m.loss.item())
     norms = tr.sae.decoder_weight.norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
-    if tr.sae.needs_lm_grad:
-        tr.sae.set_grad(torch.randn(128, D))
-    out = tr.sae(tr.sae.normalize_input(x))  # the training forward of the next step
+    xn = tr.sae.normalize_input(x)
+    lm_grad = tr.sae.normalize_lm_grad(torch.randn(128, D)) if tr.sae.needs_lm_grad else None
+    out = tr.sae(xn, batch=TrainingBatch(xn, lm_grad))  # the training forward of the next step
     per_token = torch.tensor([len(set(i[v != 0].tolist())) for v, i in zip(out.values, out.indices)])
     assert 0 < m.l0.item() <= out.values.shape[1] and per_token.float().mean().item() > 0
     if tr.sae.variable_l0:  # a capability the kind declares

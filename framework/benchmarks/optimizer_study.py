@@ -83,7 +83,7 @@ def run_one(spec: RunSpec, train_x: torch.Tensor, eval_x: torch.Tensor, dictiona
     torch.manual_seed(seed)
     tr = SAETrainer(sae_cfg, train_cfg, "x", "x", {"x": d}, total_steps, torch.device("cpu"), seed=seed)
     init = train_x[:train_cfg.init_tokens]
-    tr.sae.init_from_sample(init, init, sae_cfg.normalize_activations, sae_cfg.b_dec_init)
+    tr.init_from_sample(init, init, sae_cfg.normalize_activations, sae_cfg.b_dec_init)
     start = time.perf_counter()
     diverged = False
     B = train_cfg.batch_size

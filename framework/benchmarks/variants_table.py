@@ -177,7 +177,7 @@ def run_one(run: Run, train_x: torch.Tensor, eval_x: torch.Tensor, true_l0: torc
     torch.manual_seed(seed)
     tr = SAETrainer(sae_cfg, train_cfg, "x", "x", {"x": d}, total_steps, torch.device("cpu"), seed=seed)
     init = train_x[:train_cfg.init_tokens]
-    tr.sae.init_from_sample(init, init, sae_cfg.normalize_activations, sae_cfg.b_dec_init)
+    tr.init_from_sample(init, init, sae_cfg.normalize_activations, sae_cfg.b_dec_init)
     start = time.perf_counter()
     B = train_cfg.batch_size
     offset = gen.offset

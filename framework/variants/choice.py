@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from framework.losses import TrainingBatch, aux_k_loss
 from framework.sae import SAE_KINDS, SAEOutput
 from framework.variants.common import (
     DensityTracker,
     RunningThreshold,
     VariantSAE,
-    aux_residual_loss,
     batch_topk_select,
     ceil_div,
     default_width,
@@ -84,15 +84,15 @@ class BatchTopKSAE(VariantSAE):
         return threshold_select(x, self.encoder_weight, self.encoder_bias, self.input_offset(),
                                 self.running.threshold(), self._width(k))
 
-    def forward(self, x: torch.Tensor, k: int | None = None, target: torch.Tensor | None = None) -> SAEOutput:
+    def forward(self, x: torch.Tensor, k: int | None = None, batch: TrainingBatch | None = None) -> SAEOutput:
         k = k or self.k
         values, indices = self.select_train(x, k) if self.training else self.select_inference(x, k)
         out = SAEOutput(self.decode(values, indices), values, indices)
         if self.training:
-            out.losses.update(self.extra_losses(x, out, target))
+            out.losses.update(self.extra_losses(x, out, batch))
         return out
 
-    def extra_losses(self, x: torch.Tensor, out: SAEOutput, target: torch.Tensor | None) -> dict:
+    def extra_losses(self, x: torch.Tensor, out: SAEOutput, batch: TrainingBatch | None) -> dict:
         return {}
 
     def after_step(self, out: SAEOutput) -> None:
@@ -132,17 +132,17 @@ class _ZipfAux:
     def _init_zipf(self):
         self.density = DensityTracker(self.n_latents, self.options.density_beta)
 
-    def zipf_loss(self, x: torch.Tensor, out: SAEOutput, target: torch.Tensor | None) -> dict:
+    def zipf_loss(self, x: torch.Tensor, out: SAEOutput, batch: TrainingBatch | None) -> dict:
         opts = self.options
         if opts.aux_zipf_coef <= 0 or int(self.density.steps) == 0:
             return {}
         ids = zipf_underused(self.density.density(), opts.zipf_fraction).nonzero().squeeze(1)
         if ids.numel() == 0:
             return {}
-        y = self.training_target(x, target)
-        residual = (y - out.x_hat).detach()
+        batch = self.training_batch(x, batch)
+        residual = (batch.target - out.x_hat).detach()
         k_aux = opts.aux_zipf_k or max(1, self.d_in // 2)
-        return {"aux_zipf": opts.aux_zipf_coef * aux_residual_loss(self, x, residual, ids, k_aux)}
+        return {"aux_zipf": opts.aux_zipf_coef * aux_k_loss(self, x, residual, ids, k_aux, batch)}
 
 
 @SAE_KINDS.register("mutual_choice")
@@ -156,8 +156,8 @@ class MutualChoiceSAE(_ZipfAux, BatchTopKSAE):
         super().__init__(*args, **kwargs)
         self._init_zipf()
 
-    def extra_losses(self, x, out, target):
-        return self.zipf_loss(x, out, target)
+    def extra_losses(self, x, out, batch):
+        return self.zipf_loss(x, out, batch)
 
     def after_step(self, out: SAEOutput) -> None:
         super().after_step(out)
@@ -204,8 +204,8 @@ class FeatureChoiceSAE(_ZipfAux, BatchTopKSAE):
         return feature_topm_select(x, self.encoder_weight, self.encoder_bias, self.input_offset(),
                                    self.capacities(k, x.shape[0]))
 
-    def extra_losses(self, x, out, target):
-        return self.zipf_loss(x, out, target)
+    def extra_losses(self, x, out, batch):
+        return self.zipf_loss(x, out, batch)
 
     def after_step(self, out: SAEOutput) -> None:
         super().after_step(out)

@@ -10,10 +10,9 @@
       calling the kernel on the transposed problem (latents as rows, tokens as columns).
 - Padded per-token layouts (`compact`, `rows_from_pairs`): variable numbers of active latents
   per token are returned as [B, width] values/indices padded with zeros (value 0 = unused slot).
-- `RunningThreshold` (BatchTopK-style inference thresholds); `DensityTracker`, `zipf_underused`
-  and `aux_residual_loss` (Mutual/Feature Choice's aux_zipf loss on under-utilised latents).
-- `VariantSAE`: base class adding the target side channel (the training step only hands the
-  module its input; kinds whose extra loss needs the target read it here).
+- `RunningThreshold` (BatchTopK-style inference thresholds); `DensityTracker` and
+  `zipf_underused` (Mutual/Feature Choice's aux_zipf loss on under-utilised latents).
+- `VariantSAE`: base class of the variants (transcoder support, the training batch).
 """
 
 from __future__ import annotations
@@ -29,11 +28,6 @@ def require(cond: bool, msg: str) -> None:
     """Options validation: fail with a ConfigError naming the key."""
     if not cond:
         raise ConfigError(msg)
-
-
-def normalized_mse(x_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """||y - x_hat||^2 / ||y - mean(y)||^2 over the batch (same definition as the trainer)."""
-    return (x_hat - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -246,27 +240,11 @@ def zipf_underused(density: torch.Tensor, fraction: float, fit_fraction: float =
     return density < fraction * expected
 
 
-def aux_residual_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, latent_ids: torch.Tensor,
-                      k_aux: int) -> torch.Tensor:
-    """AuxK-style loss on a latent subset: its top k_aux pre-activations per token predict the
-    (detached) residual, decoded without b_dec, scaled by min(|subset| / k_aux, 1)."""
-    take = min(k_aux, latent_ids.numel())
-    values, sub = kernels.topk_encode(x, sae.encoder_weight[latent_ids], sae.encoder_bias[latent_ids],
-                                      sae.input_offset(), take, use_abs=sae.use_abs)
-    e_hat = sae.decode(values, latent_ids[sub], with_bias=False)
-    return min(latent_ids.numel() / k_aux, 1.0) * normalized_mse(e_hat, residual)
-
-
 # ----------------------------------------------------------------------------- base class
 
 
 class VariantSAE(TopKSAE):
-    """TopKSAE plus the target side channel.
-
-    The training step calls `normalize_target(y_raw)` right before `forward(x, k)`. Kinds whose
-    extra losses need the target (Matryoshka's prefix losses, aux_zipf's residual) call
-    `training_target(x, target)`: an explicit `target` wins; an SAE's target is its input;
-    a transcoder's is the one just normalised by the step (consumed once)."""
+    """TopKSAE plus the check that a kind that cannot be a transcoder is not built as one."""
 
     supports_transcoder = True
 
@@ -275,24 +253,6 @@ class VariantSAE(TopKSAE):
         if self.is_transcoder and not self.supports_transcoder:
             raise ConfigError(f"SAE kind '{type(self).__name__}' cannot be a transcoder (output_site set): "
                               "its selection lives in the input space it reconstructs")
-        self._pending_target: torch.Tensor | None = None
-
-    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
-        out = super().normalize_target(y)
-        if self.is_transcoder:
-            self._pending_target = out.detach()
-        return out
-
-    def training_target(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        if target is not None:
-            return target
-        if not self.is_transcoder:
-            return x
-        t, self._pending_target = self._pending_target, None
-        if t is None or t.shape[0] != x.shape[0]:
-            raise RuntimeError(f"{type(self).__name__}: a transcoder's training loss needs the target; "
-                               "call normalize_target(y) before forward, or pass forward(x, k, target=y)")
-        return t
 
 
 def default_width(k: int, factor: int, n_latents: int) -> int:
@@ -304,5 +264,5 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = ["VariantSAE", "batch_topk_select", "select_above", "threshold_select", "feature_topm_select", "compact", "coalesce",
-           "rows_from_pairs", "RunningThreshold", "DensityTracker", "zipf_underused", "aux_residual_loss",
-           "normalized_mse", "require", "default_width", "ceil_div"]
+           "rows_from_pairs", "RunningThreshold", "DensityTracker", "zipf_underused", "require", "default_width",
+           "ceil_div"]

@@ -58,27 +58,16 @@ def gradient_topk_indices(x_centered, encoder_weight, encoder_bias, decoder_weig
 @SAE_KINDS.register("gsae")
 class GradientSAE(VariantSAE):
     """TopK whose selection is tilted towards latents that move the LLM's loss (see module doc).
-    Give the gradient per batch with `set_grad(grad_raw)` before the training step (or
-    `forward(x, k, grad=g)` in normalised units); without one the step is plain TopK."""
+    The gradient comes with the training batch (`TrainingBatch.lm_grad`, normalised units);
+    without one the step is plain TopK."""
 
     Options = GSAEOptions
     export_architecture = "topk"
     needs_lm_grad = True  # capability: the train loop hands it d(LM loss)/d(activation)
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._pending_grad: torch.Tensor | None = None
-
-    def set_grad(self, grad_raw: torch.Tensor | None) -> None:
-        """d(loss)/d(activation) at the output site (the reconstructed one: for an SAE its input
-        site), in the caller's raw units, rows aligned with the next batch. Used once."""
-        self._pending_grad = None if grad_raw is None else grad_raw / self.output_scale
-
-    def forward(self, x: torch.Tensor, k: int | None = None, grad: torch.Tensor | None = None,
-                target: torch.Tensor | None = None) -> SAEOutput:
+    def forward(self, x: torch.Tensor, k: int | None = None, batch=None) -> SAEOutput:
         k = k or self.k
-        if grad is None:
-            grad, self._pending_grad = self._pending_grad, None
+        grad = batch.lm_grad if batch is not None else None
         if grad is not None and grad.shape[0] != x.shape[0]:
             raise ValueError(f"gsae: gradient rows {grad.shape[0]} != batch rows {x.shape[0]}")
         use = grad is not None and (self.training or self.options.use_grad_at_inference) and self.options.beta > 0
@@ -86,8 +75,9 @@ class GradientSAE(VariantSAE):
             values, indices = self.encode(x, k)
         else:
             g = grad.detach().to(x.dtype)
-            if self.options.normalize_grad:
-                g = g / g.pow(2).sum(1).mean().sqrt().clamp_min(1e-20)
+            if self.options.normalize_grad:  # by the RMS norm over the global batch (all ranks)
+                sq, n = batch.global_sum(torch.stack([g.pow(2).sum().double(), g.new_tensor(g.shape[0]).double()]))
+                g = g / (sq / n.clamp_min(1)).sqrt().to(g.dtype).clamp_min(1e-20)
             offset = self.input_offset()
             idx = gradient_topk_indices((x - offset).detach(), self.encoder_weight.detach(), self.encoder_bias.detach(),
                                         self.decoder_weight.detach(), g, min(k, self.n_latents), self.options.beta,

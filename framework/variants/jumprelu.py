@@ -195,7 +195,7 @@ class JumpReLUSAE(TopKSAE):
         return max(base, int(self.width_hint))
 
     # -- math -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, k: int | None = None) -> SAEOutput:
+    def forward(self, x: torch.Tensor, k: int | None = None, batch=None) -> SAEOutput:
         theta = self.threshold()
         if not self.training:
             values, indices = threshold_select(x, self.encoder_weight, self.encoder_bias, self.input_offset(),
@@ -211,7 +211,8 @@ class JumpReLUSAE(TopKSAE):
         packed, packed_idx = compact(values, idx, keep)
         self.width_hint.fill_(min(self.n_latents, packed.shape[1] * 3 // 2 + 1))
         out = SAEOutput(self.decode(packed, packed_idx), packed, packed_idx)
-        out.losses["l0"] = self.coefficient() * SPARSITY[o.sparsity](self, pre, th, keep, values).mean()
+        penalty = SPARSITY[o.sparsity](self, pre, th, keep, values)  # per token
+        out.losses["l0"] = self.coefficient() * self.training_batch(x, batch).mean(penalty)
         return out
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 
 from framework.sae import SAE_KINDS, SAEOutput
 from framework.variants.choice import BatchTopKOptions, BatchTopKSAE
-from framework.variants.common import normalized_mse, require
+from framework.variants.common import require
 
 SELECTIONS = ("topk", "batchtopk")
 
@@ -62,10 +62,11 @@ class MatryoshkaSAE(BatchTopKSAE):
         inside = indices < size
         return self.decode(torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=values.device)), indices)
 
-    def extra_losses(self, x, out: SAEOutput, target):
+    def extra_losses(self, x, out: SAEOutput, batch):
         # the trainer's FVU term is the full-size prefix; add every smaller one
-        y = self.training_target(x, target)
-        terms = [normalized_mse(self.prefix_reconstruction(out.values, out.indices, m), y) for m in self.prefix_sizes[:-1]]
+        batch = self.training_batch(x, batch)
+        terms = [batch.normalized_mse(self.prefix_reconstruction(out.values, out.indices, m))
+                 for m in self.prefix_sizes[:-1]]
         return {"matryoshka": torch.stack(terms).sum()} if terms else {}
 
     def after_step(self, out: SAEOutput) -> None:

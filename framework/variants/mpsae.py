@@ -71,7 +71,7 @@ class MatchingPursuitSAE(VariantSAE):
             return x.new_zeros(x.shape[0], 1), torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device), residual
         return torch.cat(values, 1), torch.cat(indices, 1), residual
 
-    def forward(self, x: torch.Tensor, k: int | None = None, target: torch.Tensor | None = None) -> SAEOutput:
+    def forward(self, x: torch.Tensor, k: int | None = None, batch=None) -> SAEOutput:
         k = k or self.k
         if self.training:
             values, indices, _ = self.pursuit(x, k)

@@ -44,7 +44,7 @@ class TopAFASAE(VariantSAE):
     def max_width(self) -> int:
         return min(self.n_latents, self.options.max_k or 4 * self.k)
 
-    def forward(self, x: torch.Tensor, k: int | None = None, target: torch.Tensor | None = None) -> SAEOutput:
+    def forward(self, x: torch.Tensor, k: int | None = None, batch=None) -> SAEOutput:
         width = self.max_width()
         values, indices = self.encode(x, width)  # the fused kernel: top-width relu pre-activations
         order = values.detach().argsort(1, descending=True)
@@ -58,6 +58,6 @@ class TopAFASAE(VariantSAE):
         out = SAEOutput(self.decode(values, indices), values, indices)
         if self.training and self.options.afa_coef > 0:
             code_norm = (values * self.decoder_weight.norm(dim=1)[indices]).pow(2).sum(1).clamp_min(1e-12).sqrt()
-            var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+            var = self.training_batch(x, batch).centered_sum_sq(x)  # over the global batch
             out.losses["afa"] = self.options.afa_coef * (code_norm - target_norm).pow(2).sum() / var
         return out

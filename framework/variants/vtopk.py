@@ -45,7 +45,7 @@ class VariationalTopKSAE(VariantSAE):
         self.log_sigma = nn.Parameter(torch.full((self.n_latents,), math.log(self.options.sigma_init)),
                                       requires_grad=self.options.learn_sigma)
 
-    def forward(self, x: torch.Tensor, k: int | None = None, target: torch.Tensor | None = None) -> SAEOutput:
+    def forward(self, x: torch.Tensor, k: int | None = None, batch=None) -> SAEOutput:
         k = k or self.k
         if not self.training:
             values, indices = self.encode(x, k)
@@ -61,6 +61,6 @@ class VariationalTopKSAE(VariantSAE):
         if self.options.kl_coef > 0:
             active = (values.detach() > 0).to(mu.dtype)
             kl = (gaussian_kl(mu.gather(1, pos), log_sigma.gather(1, pos)) * active).sum()
-            var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+            var = self.training_batch(x, batch).centered_sum_sq(x)  # over the global batch
             out.losses["kl"] = self.options.kl_coef * kl / var
         return out

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from framework.config import DistConfig, SAEConfig, TrainConfig
-from framework.engine import DDPRunner, Engine
+from framework.engine import Engine
+from framework.runners import DDPRunner
 from framework.sae_trainer import SAETrainer
 
 out_dir = sys.argv[1]
@@ -49,10 +50,10 @@ for strategy in strategies:
         tcfg = TrainConfig(warmup_steps=2, grad_clip=1.0, batch_size=B, total_tokens=B * STEPS,
                            grad_accumulation_steps=accumulation)
         tr = SAETrainer(cfg, tcfg, "a", "a", {"a": D}, STEPS, torch.device("cpu"), seed=3, engine=engine)
-        tr.sae.init_from_sample(batches[0], batches[0], True, "geometric_median")
+        tr.init_from_sample(batches[0], batches[0], True, "geometric_median")
         reducer_calls = [0]
-        if isinstance(tr.stepper, DDPRunner):
-            tr.stepper.wrapped.register_comm_hook(reducer_calls, counting_hook)
+        if isinstance(tr.runner, DDPRunner):
+            tr.runner.wrapped.register_comm_hook(reducer_calls, counting_hook)
         for xb in batches:
             tr.step(xb[rows], xb[rows])
         metrics = tr.read_sums()

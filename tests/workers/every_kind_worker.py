@@ -39,12 +39,10 @@ for strategy in args.strategies.split(","):
         cfg = SAEConfig(name=kind, site="a", kind=kind, n_latents=N, k=K, dead_after_tokens=B, aux_k=4, lr=1e-3)
         tcfg = TrainConfig(warmup_steps=1, batch_size=B, total_tokens=B * STEPS)
         tr = SAETrainer(cfg, tcfg, "a", "a", {"a": D}, STEPS, torch.device("cpu"), seed=3, engine=engine)
-        tr.sae.init_from_sample(batches[0], batches[0], True, "mean")
+        tr.init_from_sample(batches[0], batches[0], True, "mean")
         for xb, grad in zip(batches, lm_grads):
-            if tr.sae.needs_lm_grad:
-                tr.sae.set_grad(grad[rows])
-            tr.step(xb[rows], xb[rows])
-        weights = {k: v.detach().to("cpu").clone().contiguous() for k, v in tr.state_tensors().items()}
+            tr.step(xb[rows], xb[rows], grad[rows] if tr.sae.needs_lm_grad else None)
+        weights = {k: v.detach().to("cpu").clone().contiguous() for k, v in tr.runner.whole_weights().items()}
         if engine.is_main:
             save_file(weights, f"{args.out_dir}/{strategy}_{kind}_w{engine.world}.safetensors")
 engine.close()

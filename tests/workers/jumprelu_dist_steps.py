@@ -29,9 +29,9 @@ for strategy in strategies:
                     options={"bandwidth": 0.2, "threshold_lr_scale": 5.0})
     tcfg = TrainConfig(warmup_steps=2, batch_size=B, total_tokens=B * STEPS)
     tr = SAETrainer(cfg, tcfg, "a", "b", {"a": D, "b": D_OUT}, STEPS, torch.device("cpu"), seed=3, engine=engine)
-    tr.sae.init_from_sample(xs[0], ys[0], True, "geometric_median")
+    tr.init_from_sample(xs[0], ys[0], True, "geometric_median")
     for x, y in zip(xs, ys):
         tr.step(x[rows], y[rows])
-    state = tr.state_tensors()  # collective under ZeRO-3
+    state = tr.runner.whole_weights()  # collective under ZeRO-3
     save_file({k: v.contiguous() for k, v in state.items()}, f"{out_dir}/{strategy}_w{engine.world}_r{engine.rank}.safetensors")
 engine.close()

@@ -67,7 +67,7 @@ for step, batch in enumerate(stream):
     for n, tr in trainers.items():
         x = batch[SITES[n]]
         if step == 0:
-            tr.sae.init_from_sample(x, x, True, "geometric_median")
+            tr.init_from_sample(x, x, True, "geometric_median")
         tr.step(x, x)
 for n, tr in trainers.items():
     save_file({k: v.contiguous() for k, v in tr.sae.state_dict().items()},

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework.kinds import build_sae  # noqa: E402
-from framework.sae_trainer import normalized_mse  # noqa: E402
+from framework.losses import normalized_mse  # noqa: E402
 
 # name -> (kind, B, d_in, d_out or None, n_latents, k, x_requires_grad, mask_fraction or None)
 GRAD_CASES = {}

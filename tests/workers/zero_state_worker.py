@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 
 from framework import checkpoint
 from framework.config import load_config
+from framework.runners import ZeroRunner
+from framework.sae_trainer import SAETrainer
 from framework.train import train
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -25,11 +27,11 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 def live_state(tr) -> dict[str, torch.Tensor]:
     """Collective under ZeRO (DeepSpeed gathers the partitions)."""
-    runner = tr.stepper
-    params = list(runner.module.named_parameters())
+    runner = tr.runner
+    params = list(runner.objective.named_parameters())
     with runner.gathered():
         out = {f"module.{n}": p.detach().clone() for n, p in params}
-    if hasattr(runner, "engine"):
+    if isinstance(runner, ZeroRunner):
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: PLC0415
 
         inner = runner.optimizer.optimizer
@@ -58,21 +60,21 @@ def main() -> None:
     manager = checkpoint.CheckpointManager
 
     def record(self, label: str) -> None:
-        states = {n: live_state(tr) for n, tr in self.trainers.items()}
+        states = {n: live_state(tr) for n, tr in self.components.items() if isinstance(tr, SAETrainer)}
         if self.engine.is_main:
             for n, state in states.items():
                 save_file(state, str(dump / f"{label}.{n}.safetensors"))
 
-    def save(self, step, tokens, extra=None, _save=manager.save):
-        path = _save(self, step, tokens, extra)
+    def save(self, step, tokens, _save=manager.save):
+        path = _save(self, step, tokens)
         record(self, f"saved_{step}")
         return path
 
     def resume(self, allowed=True, _resume=manager.resume):
-        state = _resume(self, allowed)
-        if state is not None:
-            record(self, f"resumed_{state['step']}")
-        return state
+        resumed = _resume(self, allowed)
+        if resumed:
+            record(self, f"resumed_{self.components['state'].step}")
+        return resumed
 
     manager.save, manager.resume = save, resume
     summary = train(load_config(cfg_path, overrides))
