@@ -83,6 +83,11 @@ class ActivationSource(abc.ABC):
         filtering, which needs the activations)."""
         return limit
 
+    def downstream_metrics(self, trainers: dict, n_tokens: int, reduce) -> dict[str, dict[str, float]]:
+        """Per SAE, what its reconstruction changes downstream of its site (a vision encoder:
+        the final embedding); none for sources without a model to splice into."""
+        return {}
+
     def stream_state(self) -> dict:
         """JSON-able: the train stream's position and its skip counters."""
         return {"position": self.position_dict(), "rank": self.rank, "world": self.world,
@@ -241,18 +246,10 @@ class LLMSource(ActivationSource):
         replaced at `positions` by predict(activation of `input_site` at those positions)
         (input_site defaults to output_site; the other positions keep their clean activation)."""
         ids = ids.to(self.model_device)
-        forward = lambda: self.model(input_ids=ids, use_cache=False).logits  # noqa: E731
         if output_site is None:
-            return forward()
-        in_spec, out_spec = hooks.parse_site(input_site or output_site), hooks.parse_site(output_site)
-        with hooks.capture(self.model, [in_spec], stop_early=False) as inputs:
-            def replace(act: torch.Tensor) -> torch.Tensor:
-                out = act.clone()
-                out[positions] = predict(inputs[in_spec.name][positions]).to(act.dtype)
-                return out
-
-            with hooks.splice(self.model, out_spec, replace):
-                return forward()
+            return self.model(input_ids=ids, use_cache=False).logits
+        with hooks.splice_prediction(self.model, output_site, positions, predict, input_site):
+            return self.model(input_ids=ids, use_cache=False).logits
 
     @torch.no_grad()
     def sae_positions(self, ids: torch.Tensor) -> torch.Tensor:
@@ -283,7 +280,7 @@ class LLMSource(ActivationSource):
         return {"kind": "text", **self.position.state_dict(), "tokens_seen": self.tokens_seen}
 
     def load_position(self, position: dict) -> None:
-        _check_kind(position, "text")
+        check_position_kind(position, "text")
         self.position = text_data.TextPosition.from_state_dict(position)
         self.tokens_seen = position.get("tokens_seen", 0)
 
@@ -411,7 +408,7 @@ class FileSource(ActivationSource):
         return {"kind": "files", **self.position}
 
     def load_position(self, position: dict) -> None:
-        _check_kind(position, "files")
+        check_position_kind(position, "files")
         self.position = {"epoch": position["epoch"], "index": position["index"]}
 
     def _split(self, eval_rows: int):
@@ -451,7 +448,7 @@ class FileSource(ActivationSource):
             epoch, start = epoch + 1, 0
 
 
-def _check_kind(position: dict, kind: str) -> None:
+def check_position_kind(position: dict, kind: str) -> None:
     if position.get("kind") != kind:
         raise ValueError(f"a data position of kind '{position.get('kind')}' cannot continue a '{kind}' source")
 

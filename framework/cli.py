@@ -1,5 +1,6 @@
 """Command line: `sparsemill train CONFIG.yaml [dotted.key=value ...]`, `sparsemill export RUN_DIR`,
-`sparsemill inspect RUN_DIR`, `sparsemill circuit-tracer EXPORT_FOLDER... --out DIR`."""
+`sparsemill inspect RUN_DIR`, `sparsemill circuit-tracer EXPORT_FOLDER... --out DIR`, and the study commands
+of framework/studies.py (`sparsemill circuits CONFIG`, `sparsemill evaluate-supervised CONFIG`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import typing
 
 from framework.errors import DataError, UserError
 from framework.schema import RunConfig
+from framework.studies import STUDY_COMMANDS
 
 DEBUG_ENV = "SPARSEMILL_DEBUG"  # =1: tracebacks for user errors too
 
@@ -84,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     p_ct.add_argument("folders", nargs="+", help="export folders, e.g. RUN_DIR/export/<sae>")
     p_ct.add_argument("--out", required=True, help="output folder")
     p_ct.add_argument("--scan", default="", help="circuit-tracer's scan name (default: the folder's name)")
+    for name, study in STUDY_COMMANDS.items():
+        p_study = sub.add_parser(name, help=study.help, description=study.description, parents=[common])
+        p_study.add_argument("config", help="YAML config file (see configs/)")
+        p_study.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
-    if unknown or (extra and args.command != "train"):
+    if unknown or (extra and args.command not in ("train", *STUDY_COMMANDS)):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet or args.command != "train" else logging.INFO,
@@ -155,8 +161,12 @@ def _circuit_tracer_command(args, extra: list[str]) -> int:
     return 0
 
 
+def _study_command(args, extra: list[str]) -> int:
+    return STUDY_COMMANDS[args.command].run(args.config, list(args.overrides) + extra)
+
+
 COMMANDS = {"train": _train_command, "export": _checkpoint_command, "inspect": _checkpoint_command,
-            "circuit-tracer": _circuit_tracer_command}
+            "circuit-tracer": _circuit_tracer_command, **dict.fromkeys(STUDY_COMMANDS, _study_command)}
 
 
 if __name__ == "__main__":

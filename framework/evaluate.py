@@ -202,4 +202,7 @@ def evaluate(source, trainers: dict, eval_tokens: int, splice_tokens: int, splic
     if splice and llm_source.can_splice and splice_tokens > 0:
         for name, metrics in splice_metrics(llm_source, trainers, max(1, splice_tokens // world), reduce).items():
             results[name].update(metrics)
+    if splice and splice_tokens > 0:  # e.g. a vision encoder's final embedding
+        for name, metrics in llm_source.downstream_metrics(trainers, max(1, splice_tokens // world), reduce).items():
+            results[name].update(metrics)
     return {"metrics": results, "stats": stats}

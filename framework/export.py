@@ -253,7 +253,7 @@ def export_metadata(cfg, sae_cfg, tokens: int, sites: tuple[str, str] | None = N
     file's single tensor when saes.N.site was left empty)."""
     site, output_site = sites or (sae_cfg.site, sae_cfg.output_site or sae_cfg.site)
     return {
-        "model_name": cfg.model.name if cfg.data.source == "text" else "",
+        "model_name": cfg.model.name if cfg.data.source != "activations" else "",
         "hook_name": hooks.hook_name(site) if site else "",
         "hook_name_out": hooks.hook_name(output_site) if output_site and output_site != site else None,
         "context_size": cfg.data.context_size,

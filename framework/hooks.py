@@ -128,6 +128,30 @@ for _name in ("bert", "roberta", "xlm-roberta", "electra"):
     )
 
 
+def _first_path(model: nn.Module, *paths: str) -> str:
+    """The first of `paths` the model has (vision towers sit at the top or under `vision_model`)."""
+    for path in paths:
+        try:
+            model.get_submodule(path)
+            return path
+        except AttributeError:
+            continue
+    raise ConfigError(f"hook sites: model {type(model).__name__} has none of {list(paths)}")
+
+
+# Vision encoders (framework/vision.py): the token axis is CLS (where the family has one) + patches.
+# Pre-LN blocks; DINOv2's attn_out / mlp_out are read before its layer scale. For CLIP / SigLIP
+# models with both towers, blocks.<L> are the vision tower's.
+for _name in ("vit", "dinov2"):
+    ARCHITECTURES.register(_name)(
+        lambda model: Layout(_first_path(model, _prefixed(model, "layers"), _prefixed(model, "encoder.layer")),
+                             "attention", "mlp", "mlp", "attention.o_proj"))
+for _name in ("clip", "clip_vision_model", "siglip", "siglip_vision_model"):
+    ARCHITECTURES.register(_name)(
+        lambda model: Layout(_first_path(model, "vision_model.encoder.layers", "encoder.layers"), "self_attn", "mlp",
+                             "mlp", "self_attn.out_proj"))
+
+
 def layout_of(model: nn.Module) -> Layout:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCHITECTURES:
@@ -246,3 +270,20 @@ def splice(model: nn.Module, spec: SiteSpec, replace: Callable[[torch.Tensor], t
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def splice_prediction(model: nn.Module, output_site: str, positions: torch.Tensor, predict,
+                      input_site: str | None = None):
+    """Within the block, the activation at `output_site` is replaced at `positions` by
+    predict(the `input_site` activation at those positions) (input_site defaults to
+    output_site: an SAE reconstructing its own site); other positions keep their clean value."""
+    in_spec, out_spec = parse_site(input_site or output_site), parse_site(output_site)
+    with capture(model, [in_spec], stop_early=False) as inputs:
+        def replace(act: torch.Tensor) -> torch.Tensor:
+            out = act.clone()
+            out[positions] = predict(inputs[in_spec.name][positions]).to(act.dtype)
+            return out
+
+        with splice(model, out_spec, replace):
+            yield

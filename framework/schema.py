@@ -38,7 +38,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "text"  # text: tokens through the LLM | activations: cached [N, d] shards
+    # text: tokens through the LLM | activations: cached [N, d] shards | images: a vision encoder
+    # (framework/vision.py) on image files/folders/globs or a hub dataset with an image column
+    source: str = "text"
     # text: files, folders or globs of .txt/.rst/.md/.jsonl/.json/.parquet, or a hub dataset name
     paths: list[str] = field(default_factory=list)
     text_field: str = "text"  # column holding raw text (jsonl/parquet/hub)
@@ -52,6 +54,8 @@ class DataConfig:
     llm_batch_size: int = 8  # sequences per LLM forward
     shuffle_files: bool = True  # visit text files / activation shards in a seeded random order
     activations_dir: str = ""  # source=activations: folder of .safetensors/.npy shards
+    positions: str = "all"  # source=images: tokens that reach the SAEs: all | cls | patches
+    image_field: str = "image"  # source=images, hub dataset: the column holding the images
 
 
 @dataclass
@@ -105,6 +109,9 @@ class EvalConfig:
     every_steps: int = 0  # 0 = only at the end
     splice: bool = True  # with an LLM: delta CE, KL and CE recovered by splicing x_hat in
     splice_tokens: int = 4096  # tokens for the splice metrics (3 full LLM forwards per SAE each)
+    # source=images with a CLIP model (both towers): class names for zero-shot logits
+    # ("a photo of a {label}"), compared clean vs with the reconstruction spliced in
+    zero_shot_labels: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -245,6 +252,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read YAML, apply `a.b.c=value` overrides (values parsed as YAML) and build the
     dataclasses; not validated against the registries (framework.config.load_config does)."""
+    return build_dataclass(RunConfig, read_tree(path, overrides))
+
+
+def read_tree(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """A YAML file (or nothing) as a mapping, with `a.b.c=value` overrides applied (the study
+    commands' configs are other dataclasses read the same way)."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -259,4 +272,14 @@ def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{path}: top level must be a mapping")
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(data, key, value)
-    return build_dataclass(RunConfig, data)
+    return data
+
+
+def check(cond: bool, msg: str) -> None:
+    """Validation: a ConfigError with `msg` (naming the key) unless `cond`."""
+    if not cond:
+        raise ConfigError(msg)
+
+
+def check_choice(value: str, options, key: str) -> None:
+    check(value in options, f"{key}: '{value}' is not one of {sorted(options)}{did_you_mean(value, options)}")

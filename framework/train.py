@@ -183,6 +183,8 @@ def format_summary(summary: dict) -> str:
         extra = ""
         if "delta_ce" in m:
             extra = f"  dCE={m['delta_ce']:.4f}  KL={m['kl']:.4f}  CE-recovered={m['ce_recovered']:.3f}"
+        elif "embed_cos" in m:  # a vision encoder (framework/vision.py)
+            extra = f"  embed-cos={m['embed_cos']:.4f}  embed-recovered={m['embed_recovered']:.3f}"
         lines.append(f"  {name}: FVU={m['fvu']:.4f}  L0={m['l0']:.1f}  dead={m['dead_frac']:.3f}  "
                      f"dense={m['dense_frac']:.3f}  cos={m['cos']:.3f}{extra}")
     return "\n".join(lines)
