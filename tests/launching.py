@@ -175,10 +175,14 @@ def saving(run_dir: Path, after_step: int, since: float, file: str | None = None
 
 
 def final_weights(run_dir: Path) -> dict:
-    """The newest checkpoint's tensors of every SAE, keyed "<sae>/<tensor>"."""
+    """The newest checkpoint's shared tensors of every SAE (weights, dead-latent counters),
+    keyed "<sae>/<tensor>". The optimizer's moments are left out: ddp saves them whole with the
+    weights, ZeRO in per-rank pieces, so they are compared where the layout is known
+    (tests/test_distributed.py)."""
     folder = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     names = json.loads((folder / "state.json").read_text())["saes"]
-    return {f"{n}/{k}": v for n in names for k, v in load_file(str(folder / f"{n}.safetensors")).items()}
+    return {f"{n}/{k}": v for n in names for k, v in load_file(str(folder / f"{n}.safetensors")).items()
+            if not k.startswith("optim.")}
 
 
 def max_difference(a: dict, b: dict) -> float:

@@ -2,7 +2,8 @@
 float64 dense autograd: values, indices (up to ties) and every gradient.
 
 Interpreter mode is fixed when a @triton.jit function is created, so TRITON_INTERPRET=1 is
-set before triton is imported. The kernels are loaded as a private copy of
+set before triton is imported (tests/conftest.py does it for triton's own standard library, so
+this module works after any other in one process). The kernels are loaded as a private copy of
 kernels/triton_ops.py, and the variable is restored right after, so that other test modules
 in the same pytest process still see the real `kernels.triton_ops` and their usual dispatch.
 Every buffer the kernels write is allocated poisoned (NaN / out-of-range sentinels), so an
