@@ -16,8 +16,8 @@ class Study:
     module: str  # holds `config_class`, `runner` and `formatter`
     config_class: str
     runner: str
-    formatter: str
     result_file: str  # written into the config's run_dir
+    formatter: str = "format_result"
 
     def run(self, config_path: str, overrides: list[str]) -> int:
         from framework.study_config import load_study_config  # noqa: PLC0415
@@ -36,13 +36,12 @@ STUDY_COMMANDS: dict[str, Study] = {
         description="Train one small SAE per attention head on positive and negative prompts of a task file, score "
                     "each head by the share of its discrete codes unique to positives, and (patching.enabled) "
                     "compare the ranking with activation patching. Writes run_dir/ranking.json.",
-        module="framework.circuits", config_class="CircuitsConfig", runner="run_circuits",
-        formatter="format_result", result_file="ranking.json"),
+        module="framework.circuits", config_class="CircuitsConfig", runner="run_circuits", result_file="ranking.json"),
     "evaluate-supervised": Study(
         help="evaluate a trained SAE against supervised feature dictionaries on a templated task",
         description="Build supervised dictionaries (centred mean activation per attribute value) at the SAE's site "
                     "and score the SAE on approximation, control and interpretability. Writes "
                     "run_dir/supervised_eval.json.",
         module="framework.supervised", config_class="SupervisedConfig", runner="run_supervised",
-        formatter="format_result", result_file="supervised_eval.json"),
+        result_file="supervised_eval.json"),
 }

@@ -469,13 +469,17 @@ def _gather_sum_kernel(
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + ds[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def _rows_by_columns(out, cfg, block_cols: str):
+    """The 2-D grid of the gathers: row blocks x blocks of the output's columns."""
+    return triton.cdiv(out.shape[0], cfg["BLOCK_B"]), triton.cdiv(out.shape[1], cfg[block_cols])
+
+
 def gather_sum(indices, values, table, out_dtype=None):
     B, K = indices.shape
     D = table.shape[1]
     out = _empty((B, D), out_dtype or torch.promote_types(values.dtype, table.dtype), table.device)
     cfg = gather_sum_config(D)
-    _launch(_gather_sum_kernel, (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(D, cfg["BLOCK_D"])), cfg,
-            indices, values, table, out, B, K, D)
+    _launch(_gather_sum_kernel, _rows_by_columns(out, cfg, "BLOCK_D"), cfg, indices, values, table, out, B, K, D)
     return out
 
 
@@ -506,8 +510,7 @@ def gather_dot(indices, table, vectors, out_dtype=None):
     D = table.shape[1]
     out = _empty((B, K), out_dtype or vectors.dtype, vectors.device)
     cfg = gather_dot_config(K)
-    _launch(_gather_dot_kernel, (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(K, cfg["BLOCK_K"])), cfg,
-            indices, table, vectors, out, B, K, D)
+    _launch(_gather_dot_kernel, _rows_by_columns(out, cfg, "BLOCK_K"), cfg, indices, table, vectors, out, B, K, D)
     return out
 
 

@@ -1,7 +1,9 @@
 # Shared by single_node.sh and multi_node.sh (sourced): GPU counting, command printing, and
 # running torchrun so that preemption signals reach the workers as checkpoint requests.
-# Needs PREEMPTED_EXIT_CODE set.
 # shellcheck shell=bash
+
+PYTHON=${PYTHON:-python3}
+PREEMPTED_EXIT_CODE=75  # a stopped (checkpointed) run: rerun the same command to resume
 
 # Visible GPUs: CUDA_VISIBLE_DEVICES when set (SLURM sets it), else nvidia-smi, else none.
 count_gpus() {

@@ -13,10 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
-PREEMPTED_EXIT_CODE=75
 # shellcheck source=launch/_common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # also sets PYTHON and PREEMPTED_EXIT_CODE
 dry_run=0
 nnodes=${NNODES:-${SLURM_JOB_NUM_NODES:-}}
 node_rank=${NODE_RANK:-${SLURM_NODEID:-}}
