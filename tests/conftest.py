@@ -6,37 +6,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import sys
 from pathlib import Path
 
-
-def _import_triton_for_the_interpreter() -> None:
-    """Triton decides at `import triton` whether its own standard library (tl.zeros, tl.sum...)
-    is interpreted. tests/test_triton_kernels.py runs a private copy of the kernels under the
-    interpreter, which fails inside any process where triton was imported first without
-    TRITON_INTERPRET=1 (by deepspeed, or tests/test_kernel_tuning.py's compiled-mode copy).
-    So the suite imports triton here, before any test module, with the variable set, and
-    restores it: `kernels.triton_ops` still builds its kernels for the compiler (it reads the
-    variable at its own import), and the ahead-of-time compiles run in spawned processes."""
-    if "triton" in sys.modules:
-        return
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language  # noqa: F401, PLC0415
-    except ImportError:
-        pass  # tests that need triton say so themselves
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-_import_triton_for_the_interpreter()
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 THREADS_ENV = "SPARSEMILL_TEST_THREADS"
 

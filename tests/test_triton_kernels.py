@@ -1,51 +1,49 @@
 """The Triton kernels, run by Triton's CPU interpreter, against the PyTorch reference and
 float64 dense autograd: values, indices (up to ties) and every gradient.
 
-Interpreter mode is fixed when a @triton.jit function is created, so TRITON_INTERPRET=1 is
-set before triton is imported (tests/conftest.py does it for triton's own standard library, so
-this module works after any other in one process). The kernels are loaded as a private copy of
-kernels/triton_ops.py, and the variable is restored right after, so that other test modules
-in the same pytest process still see the real `kernels.triton_ops` and their usual dispatch.
+Interpreter mode is fixed when a @triton.jit function is created. The kernels are loaded as a
+private copy of kernels/triton_ops.py built with TRITON_INTERPRET=1 (restored right after), so
+that other test modules in the same pytest process still see the real `kernels.triton_ops` and
+their usual dispatch; triton itself is imported in its usual compiled mode first, whatever the
+test order, and its standard library is swapped for interpreted functions during each test.
 Every buffer the kernels write is allocated poisoned (NaN / out-of-range sentinels), so an
 element a kernel forgets to write fails the comparison. Shapes are small and odd on purpose:
 the interpreter is slow, and tiles must not divide them.
 """
 
+import importlib.util
 import os
+import pathlib
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 try:
-    import triton  # noqa: E402, F401
+    import triton  # noqa: F401  (compiled mode, as for every other module of the process)
 except ImportError as err:  # a missing dependency must fail the run, not skip it
     raise ImportError("tests/test_triton_kernels.py needs triton (pip install triton)") from err
 
-from kernels import dispatch  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+from kernels import dispatch
+from kernels import reference as ref
 
 
 def _load_interpreted_triton_ops():
     path = pathlib.Path(ref.__file__).with_name("triton_ops.py")
     spec = importlib.util.spec_from_file_location("_sparsemill_triton_ops_interpreted", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
     return module
 
 
-try:
-    T = _load_interpreted_triton_ops()
-finally:
-    if _PREVIOUS_INTERPRET is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+T = _load_interpreted_triton_ops()
 
 _POISON = {torch.int64: 2**62, torch.int32: 2**30, torch.int8: 90}
 
@@ -54,12 +52,34 @@ def _poisoned_empty(shape, dtype, device):
     return torch.full(shape, _POISON.get(dtype, float("nan")), dtype=dtype, device=device)
 
 
+def _interpreted_standard_library() -> list[tuple[object, str, object]]:
+    """(owner, name, interpreted function) for every function of triton's standard library
+    (tl.zeros, tl.sum, tensor.max...). Triton builds them at `import triton` in the mode of that
+    moment, compiled here (as deepspeed or tests/test_kernel_tuning.py's compiled copy would
+    have): called from an interpreted kernel, a compiled-mode one raises "Cannot call
+    @triton.jit'd outside of the scope of a kernel". Compiled-mode modules need them as they are
+    (the ahead-of-time compile test), so they are swapped in per test only."""
+    import triton.language as tl  # noqa: PLC0415
+    from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
+    from triton.runtime.jit import JITFunction  # noqa: PLC0415
+
+    return [(owner, name, InterpretedFunction(value.fn))
+            for owner in (tl, tl.standard, tl.math, tl.core, tl.core.tensor)
+            for name, value in list(vars(owner).items()) if isinstance(value, JITFunction)]
+
+
+_STANDARD_LIBRARY = _interpreted_standard_library()
+
+
 @pytest.fixture(autouse=True)
 def _interpreter(monkeypatch):
-    """Interpreted kernels also read TRITON_INTERPRET while they run; outputs are poisoned."""
+    """Interpreted kernels also read TRITON_INTERPRET while they run (and call an interpreted
+    standard library, swapped back after the test for compiled-mode users); outputs are poisoned."""
     assert T.INTERPRET, "the private triton_ops copy was not built for the interpreter"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(T, "_empty", _poisoned_empty)
+    for owner, name, interpreted in _STANDARD_LIBRARY:
+        monkeypatch.setattr(owner, name, interpreted)
 
 
 # ----------------------------------------------------------------------------------------

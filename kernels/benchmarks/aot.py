@@ -46,7 +46,7 @@ class Preset:
         return max(1, self.d // 2)
 
 
-# n_latents / k / train.batch_size of configs/*.yaml (tests/test_kernels_aot.py checks them).
+# n_latents / k / train.batch_size of the training configs/*.yaml (tests/test_kernels_aot.py checks them).
 PRESETS = (
     Preset("debug", 64, 256, (8,), 512),
     Preset("smollm2_main", 576, 4096, (32, 16), 1024),
@@ -54,6 +54,9 @@ PRESETS = (
     Preset("pythia_160m", 768, 32768, (32,), 4096),
     Preset("pythia_410m", 1024, 65536, (64,), 8192),
     Preset("llama3_8b_all_layers", 4096, 65536, (64,), 8192),
+    Preset("smollm2_resid25", 576, 4096, (32,), 1024),
+    Preset("vision_tiny", 64, 256, (8,), 136),
+    Preset("vision_clip_b32", 768, 12288, (32,), 4096),
 )
 
 # (operand dtype, tl.dot precision): bf16 autocast, fp32 with TF32 (the CUDA default), fp32 exact
