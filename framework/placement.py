@@ -20,6 +20,7 @@ from framework.llm import check_zero3_layout, load_frozen
 from framework.routing import RoutedSource, assign_owners
 from framework.registry import Registry
 from framework.schema import RunConfig
+from framework.store import build_store_source
 
 log = logging.getLogger("sparsemill")
 
@@ -51,6 +52,11 @@ def build_source(cfg: RunConfig, device: torch.device, rank: int = 0, world: int
 @SOURCES.register("activations")
 def _file_source(cfg: RunConfig, device, rank: int, world: int) -> ActivationSource:
     return FileSource(cfg.data, device, cfg.train.seed, eval_rows=cfg.eval.tokens, rank=rank, world=world)
+
+
+@SOURCES.register("store")
+def _store_source(cfg: RunConfig, device, rank: int, world: int) -> ActivationSource:
+    return build_store_source(cfg, device, rank, world)
 
 
 def configured_sites(cfg: RunConfig) -> list[str]:
