@@ -64,6 +64,11 @@ DATA_KEYS = ("paths", "text_field", "tokens_field", "split", "context_size", "pr
              "exclude_special_tokens", "norm_outlier_factor", "llm_batch_size", "shuffle_files")
 
 
+def configured_sites(cfg: RunConfig) -> list[str]:
+    """Every site an SAE of the config reads (input and transcoder output)."""
+    return sorted({site for s in cfg.saes for site in (s.site, s.output_site) if site})
+
+
 def shard_name(split: str, rank: int, index: int) -> str:
     return f"{split}-r{rank:05d}-{index:06d}.safetensors"
 
@@ -273,7 +278,6 @@ def _versions() -> dict:
 def cache(cfg: RunConfig, rank: int = 0, world: int = 1) -> dict:
     """`sparsemill cache`: this rank's share of the activation store (see the module docstring)."""
     from framework.llm import load_frozen  # noqa: PLC0415
-    from framework.placement import configured_sites  # noqa: PLC0415
     from framework.rng import seed_everything  # noqa: PLC0415
 
     seed_everything(cfg.train.seed)
@@ -495,8 +499,7 @@ def build_store_source(cfg: RunConfig, device: torch.device, rank: int, world: i
     folder = Path(cfg.data.store_dir)
     manifest = read_manifest(folder)
     check_store_matches(manifest, cfg, folder)
-    sites = sorted({site for s in cfg.saes for site in (s.site, s.output_site) if site})
-    source = StoreSource(cfg.data, device, cfg.train.seed, manifest, sites, rank, world)
+    source = StoreSource(cfg.data, device, cfg.train.seed, manifest, configured_sites(cfg), rank, world)
     if source.train_rows < cfg.train.total_tokens:
         log.warning("train.total_tokens=%d, but the activation store '%s' holds %d train rows: training reads it "
                     "%.1f times (each new epoch is logged)", cfg.train.total_tokens, folder, source.train_rows,
