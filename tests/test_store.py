@@ -305,3 +305,19 @@ def test_training_from_a_store_resumes_bitwise(tmp_path, cached, monkeypatch):
         a = load_file(str(_final(tmp_path / "straight") / f"{name}.safetensors"))
         b = load_file(str(_final(tmp_path / "stopped") / f"{name}.safetensors"))
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_checkpoints_from_before_stores_still_resume_but_another_store_is_refused(tmp_path, cached):
+    """A checkpoint config without the store keys compares as their defaults; the store folder
+    and the row shuffle decide the data order, so changing them blocks a resume."""
+    from framework.compatibility import config_differences
+
+    now = load_config(cached.cfg).to_dict()
+    old = json.loads(json.dumps(now))
+    del old["data"]["store_dir"], old["data"]["shuffle_rows"], old["cache"]
+    now["data"]["store_dir"] = ""
+    assert config_differences(old, now)[0] == []
+    stored = _store_cfg(cached.cfg, cached.folder).to_dict()
+    other = _store_cfg(cached.cfg, tmp_path, "data.shuffle_rows=false").to_dict()
+    assert sorted(config_differences(stored, other)[0]) == ["data.shuffle_rows: True -> False",
+                                                            f"data.store_dir: '{cached.folder}' -> '{tmp_path}'"]
