@@ -280,6 +280,9 @@ def cache(cfg: RunConfig, rank: int = 0, world: int = 1) -> dict:
     from framework.llm import load_frozen  # noqa: PLC0415
     from framework.rng import seed_everything  # noqa: PLC0415
 
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and torch.cuda.device_count() > local:
+        torch.cuda.set_device(local)  # torchrun: each rank's model on its own GPU ("cuda" = the current one)
     seed_everything(cfg.train.seed)
     model, tokenizer = load_frozen(cfg.model, seed=cfg.train.seed)
     source = LLMSource(cfg.data, model, tokenizer, configured_sites(cfg), torch.device("cpu"), cfg.train.seed,
