@@ -1,4 +1,5 @@
-"""Command line: `sparsemill train CONFIG.yaml [dotted.key=value ...]`, `sparsemill export RUN_DIR`,
+"""Command line: `sparsemill train CONFIG.yaml [dotted.key=value ...]`, `sparsemill cache CONFIG.yaml [...]`
+(an activation store, framework/store.py), `sparsemill export RUN_DIR`,
 `sparsemill inspect RUN_DIR`, `sparsemill circuit-tracer EXPORT_FOLDER... --out DIR`, and the study commands
 of framework/studies.py (`sparsemill circuits CONFIG`, `sparsemill evaluate-supervised CONFIG`)."""
 
@@ -86,16 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     p_ct.add_argument("folders", nargs="+", help="export folders, e.g. RUN_DIR/export/<sae>")
     p_ct.add_argument("--out", required=True, help="output folder")
     p_ct.add_argument("--scan", default="", help="circuit-tracer's scan name (default: the folder's name)")
+    p_cache = sub.add_parser(
+        "cache", help="write an activation store: the frozen LLM's activations at every configured site",
+        description="Run the frozen LLM over the config's text (data.*) and write every configured SAE site as "
+                    "row-aligned shards into data.store_dir, with a manifest (checksums, rows, provenance, held-out "
+                    "split). Resumes after a kill; under torchrun every rank writes its own shards. Train from it "
+                    "with data.source=store.", parents=[common])
+    p_cache.add_argument("config", help="YAML config file (see configs/)")
+    p_cache.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. data.store_dir=stores/x")
+    p_cache.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     for name, study in STUDY_COMMANDS.items():
         p_study = sub.add_parser(name, help=study.help, description=study.description, parents=[common])
         p_study.add_argument("config", help="YAML config file (see configs/)")
         p_study.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
-    if unknown or (extra and args.command not in ("train", *STUDY_COMMANDS)):
+    if unknown or (extra and args.command not in ("train", "cache", *STUDY_COMMANDS)):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet or args.command != "train" else logging.INFO,
+    logging.basicConfig(level=logging.WARNING if quiet or args.command not in ("train", "cache") else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args, extra)
@@ -137,6 +147,16 @@ def _train_command(args, extra: list[str]) -> int:
     return 0
 
 
+def _cache_command(args, extra: list[str]) -> int:
+    from framework.config import load_cache_config  # noqa: PLC0415
+
+    cfg = load_cache_config(args.config, list(args.overrides) + extra + (["log.progress=false"] if args.quiet else []))
+    from framework.store import cache, format_cache_summary  # noqa: PLC0415  (heavy imports after validation)
+
+    print(format_cache_summary(cache(cfg, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))))
+    return 0
+
+
 def _checkpoint_command(args, extra: list[str]) -> int:
     import json  # noqa: PLC0415
 
@@ -165,7 +185,7 @@ def _study_command(args, extra: list[str]) -> int:
     return STUDY_COMMANDS[args.command].run(args.config, list(args.overrides) + extra)
 
 
-COMMANDS = {"train": _train_command, "export": _checkpoint_command, "inspect": _checkpoint_command,
+COMMANDS = {"train": _train_command, "cache": _cache_command, "export": _checkpoint_command, "inspect": _checkpoint_command,
             "circuit-tracer": _circuit_tracer_command, **dict.fromkeys(STUDY_COMMANDS, _study_command)}
 
 

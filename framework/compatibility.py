@@ -32,11 +32,13 @@ FORMAT = 4
 # Config keys whose change makes the saved state meaningless (data order, shapes, optimizer).
 MUST_MATCH = ["model.name", "data.source", "data.paths", "data.text_field", "data.tokens_field", "data.split",
               "data.context_size", "data.prepend_bos", "data.separator", "data.exclude_special_tokens",
-              "data.llm_batch_size", "data.shuffle_files", "data.activations_dir", "train.batch_size",
+              "data.llm_batch_size", "data.shuffle_files", "data.activations_dir", "data.store_dir",
+              "data.shuffle_rows", "train.batch_size",
               "train.buffer_tokens", "train.seed", "train.optimizer", "dist.latent_shards"]
 SAE_MUST_MATCH = ["name", "site", "output_site", "kind", "n_latents", "options", "skip_connection"]
 # an SAE key a checkpoint's config lacks (added since it was written) compares as this default
 SAE_KEY_DEFAULTS = {"skip_connection": False}
+KEY_DEFAULTS = {"data.store_dir": "", "data.shuffle_rows": True}  # the same for run keys
 
 
 def _flatten(d, prefix="") -> dict:
@@ -64,8 +66,9 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     flat_a = _flatten({k: v for k, v in saved.items() if k not in ("saes", "run_dir")})
     flat_b = _flatten({k: v for k, v in current.items() if k not in ("saes", "run_dir")})
     for key in sorted(flat_a.keys() | flat_b.keys()):
-        if flat_a.get(key) != flat_b.get(key) and key != "train.resume":
-            (blocking if key in MUST_MATCH else harmless).append(f"{key}: {flat_a.get(key)!r} -> {flat_b.get(key)!r}")
+        old, new = flat_a.get(key, KEY_DEFAULTS.get(key)), flat_b.get(key, KEY_DEFAULTS.get(key))
+        if old != new and key != "train.resume":
+            (blocking if key in MUST_MATCH else harmless).append(f"{key}: {old!r} -> {new!r}")
     return blocking, harmless
 
 

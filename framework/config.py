@@ -28,6 +28,8 @@ from framework.schema import (  # noqa: F401  (re-exported: the config API in on
 )
 
 
+STORE_DTYPES = ("float32", "bfloat16", "float16")  # what an activation store may hold (framework/store.py)
+
 # component names of a checkpoint (framework/train.py) and its own files: no SAE may take them
 RESERVED_NAMES = {"state", "source", "buffer", "rng", "logger", "manifest", "config"}
 
@@ -36,6 +38,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     """Read YAML, apply `a.b.c=value` overrides (values parsed as YAML), build and validate."""
     cfg = read_config(path, overrides)
     validate(cfg)
+    return cfg
+
+
+def load_cache_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """The same for `sparsemill cache` (validate_cache)."""
+    cfg = read_config(path, overrides)
+    validate_cache(cfg)
     return cfg
 
 
@@ -58,6 +67,22 @@ def _check_device(value: str, key: str) -> None:
         check(index < count, f"{key}={value}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
 
 
+def validate_cache(cfg: RunConfig) -> None:
+    """`sparsemill cache`: the run checks, plus an LLM to run and a store to write."""
+    validate(cfg)
+    c = cfg.cache
+    check(cfg.data.source == "text", f"data.source: `sparsemill cache` runs the LLM over text (data.source=text), "
+          f"got '{cfg.data.source}'")
+    check(bool(cfg.data.store_dir), "data.store_dir: name the folder the activation store is written to")
+    check(not Path(cfg.data.store_dir).exists() or Path(cfg.data.store_dir).is_dir(),
+          f"data.store_dir: '{cfg.data.store_dir}' exists and is not a directory")
+    check(not cfg.model.shard, "model.shard: `sparsemill cache` runs one whole model per process")
+    check_choice(c.dtype, STORE_DTYPES, "cache.dtype")
+    check(c.shard_rows > 0, "cache.shard_rows: must be > 0")
+    check(c.tokens >= 0 and c.eval_tokens >= 0, "cache.tokens / cache.eval_tokens: must be >= 0 (0 = the train/eval "
+          "token counts)")
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks that need no model. Site names, model names and kinds come from registries."""
 
@@ -73,7 +98,7 @@ def validate(cfg: RunConfig) -> None:
            "inside a node)")
     check(not cfg.model.shard or cfg.data.source == "text", "model.shard: data.source=activations runs no LLM")
     check_choice(cfg.train.autocast, {"none", "bfloat16"}, "train.autocast")
-    check_choice(cfg.data.source, {"text", "activations", "images"}, "data.source")
+    check_choice(cfg.data.source, {"text", "activations", "images", "store"}, "data.source")
     check_choice(cfg.data.separator, {"eos", "bos", "none"}, "data.separator")
     check_choice(cfg.train.optimizer, optim.OPTIMIZERS, "train.optimizer")
     check_choice(cfg.dist.strategy, engine.STRATEGIES, "dist.strategy")
@@ -100,6 +125,10 @@ def validate(cfg: RunConfig) -> None:
     elif cfg.data.source == "images":
         vision.validate(cfg)
         check(cfg.data.llm_batch_size >= 1, "data.llm_batch_size: must be >= 1 (images per forward)")
+    elif cfg.data.source == "store":
+        d = Path(cfg.data.store_dir)
+        check(bool(cfg.data.store_dir) and d.is_dir(),
+              f"data.store_dir: activation store folder not found: '{d}' (write one with `sparsemill cache`)")
     else:
         d = Path(cfg.data.activations_dir)
         check(bool(cfg.data.activations_dir) and d.is_dir(), f"data.activations_dir: folder not found: '{d}'")
@@ -149,8 +178,8 @@ def validate(cfg: RunConfig) -> None:
             hooks.parse_site(s.site, f"{key}.site")
             if s.output_site:
                 hooks.parse_site(s.output_site, f"{key}.output_site")
-        else:
-            check(not s.output_site, f"{key}.output_site: transcoders need an LLM source")
+        elif cfg.data.source == "activations":
+            check(not s.output_site, f"{key}.output_site: transcoders need an LLM source or an activation store")
         check(s.n_latents > 0, f"{key}.n_latents: must be > 0")
         if cfg.dist.latent_shards > 1:
             tensor_parallel.check_shardable(s.kind, s.n_latents, cfg.dist.latent_shards, key)

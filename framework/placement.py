@@ -20,6 +20,7 @@ from framework.llm import check_zero3_layout, load_frozen
 from framework.routing import RoutedSource, assign_owners
 from framework.registry import Registry
 from framework.schema import RunConfig
+from framework.store import build_store_source, configured_sites
 
 log = logging.getLogger("sparsemill")
 
@@ -53,8 +54,9 @@ def _file_source(cfg: RunConfig, device, rank: int, world: int) -> ActivationSou
     return FileSource(cfg.data, device, cfg.train.seed, eval_rows=cfg.eval.tokens, rank=rank, world=world)
 
 
-def configured_sites(cfg: RunConfig) -> list[str]:
-    return sorted({s.site for s in cfg.saes} | {s.output_site for s in cfg.saes if s.output_site})
+@SOURCES.register("store")
+def _store_source(cfg: RunConfig, device, rank: int, world: int) -> ActivationSource:
+    return build_store_source(cfg, device, rank, world)
 
 
 @SOURCES.register("text")

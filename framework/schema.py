@@ -39,7 +39,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # text: tokens through the LLM | activations: cached [N, d] shards | images: a vision encoder
-    # (framework/vision.py) on image files/folders/globs or a hub dataset with an image column
+    # (framework/vision.py) on image files/folders/globs or a hub dataset with an image column |
+    # store: an activation store written by `sparsemill cache` (data.store_dir, framework/store.py)
     source: str = "text"
     # text: files, folders or globs of .txt/.rst/.md/.jsonl/.json/.parquet, or a hub dataset name
     paths: list[str] = field(default_factory=list)
@@ -54,6 +55,8 @@ class DataConfig:
     llm_batch_size: int = 8  # sequences per LLM forward
     shuffle_files: bool = True  # visit text files / activation shards in a seeded random order
     activations_dir: str = ""  # source=activations: folder of .safetensors/.npy shards
+    store_dir: str = ""  # activation store folder: `sparsemill cache` writes it, source=store reads it
+    shuffle_rows: bool = True  # source=store: visit each shard's rows in a seeded random order
     positions: str = "all"  # source=images: tokens that reach the SAEs: all | cls | patches
     image_field: str = "image"  # source=images, hub dataset: the column holding the images
 
@@ -139,6 +142,16 @@ class DistConfig:
 
 
 @dataclass
+class CacheConfig:
+    """`sparsemill cache`: what the activation store in data.store_dir holds (framework/store.py)."""
+
+    tokens: int = 0  # train rows (tokens) to cache over all ranks; 0 = train.total_tokens
+    eval_tokens: int = 0  # held-out rows to cache; 0 = eval.tokens (fewer if the held-out split is smaller)
+    shard_rows: int = 8192  # rows per shard file (the last shard of each split and rank may be shorter)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (rows are float32 again when read)
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/debug"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -148,6 +161,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
