@@ -39,6 +39,8 @@ INPUT_KIND, OUTPUT_KIND = "resid_mid", "mlp_out"
 
 def parse_layers(value) -> list[int]:
     """`[2, 3, 4]` or `"2-4"` -> [2, 3, 4]; anything else, gaps or a descending order fail."""
+    require(bool(value), "options.layers: required for kind clt: the contiguous layers it spans, e.g. [0, 1, 2] "
+                         "or '0-5'")
     if isinstance(value, str):
         parts = value.split("-")
         require(len(parts) == 2 and all(p.strip().isdigit() for p in parts),
@@ -47,8 +49,6 @@ def parse_layers(value) -> list[int]:
         require(first <= last, f"options.layers: '{value}' is empty (write the lower layer first)")
         return list(range(first, last + 1))
     layers = list(value)
-    require(bool(layers), "options.layers: required for kind clt: the contiguous layers it spans, e.g. [0, 1, 2] "
-                          "or '0-5'")
     require(all(L >= 0 for L in layers), f"options.layers: {layers} has a negative layer")
     require(layers == list(range(layers[0], layers[0] + len(layers))),
             f"options.layers: {layers} is not contiguous and ascending (a CLT's latents write to every later layer "
