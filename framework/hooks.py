@@ -161,10 +161,11 @@ for _name in ("gemma2", "gemma3_text", "olmo2"):  # post-attention norms on the 
         lambda model: Layout(_prefixed(model, "layers"), "self_attn", "mlp", "mlp", "self_attn.o_proj"))
 
 for _name in ("bert", "roberta", "xlm-roberta", "electra"):
-    # Post-LN encoders: attn_out / mlp_out are the projections before the residual add + LayerNorm.
+    # Post-LN encoders: attn_out / mlp_out are the projections before the residual add + LayerNorm;
+    # the normed stream after attention is both the residual and the MLP's input: resid_mid = mlp_in.
     ARCHITECTURES.register(_name)(
         lambda model: Layout(_prefixed(model, "encoder.layer"), "attention.output.dense", "intermediate", "output.dense",
-                             "attention.output.dense")
+                             "attention.output.dense", "intermediate")
     )
 
 
@@ -181,7 +182,7 @@ def _first_path(model: nn.Module, *paths: str) -> str:
 
 # Vision encoders (framework/vision.py): the token axis is CLS (where the family has one) + patches.
 # Pre-LN blocks; DINOv2's attn_out / mlp_out are read before its layer scale. For CLIP / SigLIP
-# models with both towers, blocks.<L> are the vision tower's.
+# models with both towers, blocks.<L> are the vision tower's. resid_mid is left undefined here.
 for _name in ("vit", "dinov2"):
     ARCHITECTURES.register(_name)(
         lambda model: Layout(_first_path(model, _prefixed(model, "layers"), _prefixed(model, "encoder.layer")),

@@ -184,3 +184,18 @@ def test_export_from_a_checkpoint_writes_the_clt_layout(runs, tmp_path):
     (folder,) = export.export_checkpoint(runs / "stopped", out=tmp_path / "exp")
     assert sorted(p.name for p in folder.glob("W_dec_*.safetensors")) == [f"W_dec_{i}.safetensors" for i in range(LAYERS)]
     assert json.loads((folder / "cfg.json").read_text())["layers"] == list(range(LAYERS))
+
+
+def test_resid_mid_is_the_stream_between_attention_and_mlp():
+    from framework import hooks  # noqa: PLC0415
+    from framework.config import ModelConfig  # noqa: PLC0415
+    from framework.llm import load_frozen  # noqa: PLC0415
+
+    model, _ = load_frozen(ModelConfig(name="tiny-gpt2", device="cpu"))
+    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(0))
+    specs = [hooks.parse_site(f"blocks.2.{k}") for k in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")]
+    with hooks.capture(model, specs, stop_early=False) as acts, torch.no_grad():
+        model(input_ids=ids)
+    a = {s.kind: acts[s.name] for s in specs}
+    torch.testing.assert_close(a["resid_mid"], a["resid_pre"] + a["attn_out"])
+    torch.testing.assert_close(a["resid_post"], a["resid_mid"] + a["mlp_out"])
