@@ -160,7 +160,8 @@ class LLMSource(ActivationSource):
                  rank: int = 0, world: int = 1, grad_sites: list[str] = ()):
         super().__init__(data_cfg, device, rank, world)
         self.model, self.tokenizer, self.seed = model, tokenizer, seed
-        self.specs = [hooks.parse_site(s) for s in sites]
+        self.sites = list(sites)
+        self.specs = list({spec.name: spec for s in sites for spec in hooks.parse_sites(s)}.values())  # stacked: members
         for spec in self.specs:
             hooks.resolve(model, spec)  # unknown layers/modules fail here, before training
         self.grad_sites = list(dict.fromkeys(grad_sites))
@@ -198,7 +199,7 @@ class LLMSource(ActivationSource):
         ids = ids.to(self.model_device)
         with hooks.capture(self.model, self.specs) as store:
             hooks.run_until_captured(lambda: self.model(input_ids=ids, use_cache=False))
-        return dict(store)
+        return hooks.stack_captured(store, self.sites)
 
     def capture_with_grads(self, ids: torch.Tensor, loss_mask: torch.Tensor) -> Batch:
         """Every site's activations and, under grad_key(site), d(LM loss)/d(activation) for the
@@ -207,7 +208,7 @@ class LLMSource(ActivationSource):
         ids = ids.to(self.model_device)
         with hooks.capture(self.model, self.specs, stop_early=False) as store:
             _, grads, _ = lm_site_grads(self.model, ids, self.grad_sites, loss_mask=loss_mask)
-        return {**store, **{grad_key(s): g for s, g in grads.items()}}
+        return {**hooks.stack_captured(store, self.sites), **{grad_key(s): g for s, g in grads.items()}}
 
     def sequences(self, split: str) -> Iterator[torch.Tensor]:
         """Token batches; the train split continues from (and advances) `self.position`."""

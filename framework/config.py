@@ -165,7 +165,8 @@ def validate(cfg: RunConfig) -> None:
                "rank_*, no '/'); choose another name")
         names.add(s.name)
         check_choice(s.kind, kinds.SAE_KINDS, f"{key}.kind")
-        kinds.parse_options(s.kind, s.options, f"{key}.options")
+        options = kinds.parse_options(s.kind, s.options, f"{key}.options")
+        _kind_sites(cfg, s, options, key)
         if kinds.SAE_KINDS[s.kind].needs_lm_grad:  # gsae: d(LM loss)/d(activation) per token
             check(cfg.data.source == "text", f"{key}.kind: {s.kind} needs LM-loss gradients, which cached activations "
                    "(data.source=activations) do not hold; use data.source=text")
@@ -175,9 +176,9 @@ def validate(cfg: RunConfig) -> None:
                    "batches carry only activations, not the LM-loss gradients; use dist.sae_placement=replicated")
         if cfg.data.source in ("text", "images"):
             check(bool(s.site), f"{key}.site: required (e.g. blocks.6.resid_post)")
-            hooks.parse_site(s.site, f"{key}.site")
+            hooks.parse_sites(s.site, f"{key}.site")
             if s.output_site:
-                hooks.parse_site(s.output_site, f"{key}.output_site")
+                hooks.parse_sites(s.output_site, f"{key}.output_site")
         elif cfg.data.source == "activations":
             check(not s.output_site, f"{key}.output_site: transcoders need an LLM source or an activation store")
         check(s.n_latents > 0, f"{key}.n_latents: must be > 0")
@@ -196,3 +197,20 @@ def validate(cfg: RunConfig) -> None:
                f"needs a transcoder ({key}.output_site set and different from {key}.site), not an SAE")
         check(not s.skip_connection or cfg.dist.latent_shards == 1,
                f"{key}.skip_connection: not supported with dist.latent_shards > 1 (the latent shards do not hold W_skip)")
+
+
+def _kind_sites(cfg: RunConfig, s: SAEConfig, options, key: str) -> None:
+    """Kinds that derive their sites from their options (a CLT: its layers) fill them in; a
+    differing site in the config, or a configuration they cannot train, fails here."""
+    sites = kinds.SAE_KINDS[s.kind].configured_sites(options)
+    if sites is None:
+        return
+    for field, want in zip(("site", "output_site"), sites):
+        given = getattr(s, field)
+        check(not given or given == want, f"{key}.{field}: kind {s.kind} reads and writes the sites of "
+               f"{key}.options.layers ({sites[0]} -> {sites[1]}); leave {field} empty (got '{given}')")
+        setattr(s, field, want)
+    check(cfg.data.source == "text", f"{key}.kind: {s.kind} needs an LLM (data.source=text): its stacked sites are "
+           "captured from one forward")
+    check(not s.skip_connection, f"{key}.skip_connection: not supported for kind {s.kind} (its decoders already "
+           "reach every later layer); use kind topk/jumprelu transcoders for skip transcoders")

@@ -75,3 +75,12 @@ def publish_folder(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     fsync_dir(final.parent)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def fresh_tmp_folder(final: Path) -> Path:
+    """An empty sibling of `final` to write a folder into before `publish_folder` publishes it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp_{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp

@@ -8,6 +8,10 @@ CE, KL(clean || spliced) and CE recovered against zero ablation. Splicing replac
 positions the reconstruction metrics use (`LLMSource.sae_positions`: not special, finite, not
 a norm outlier); the others keep their clean activation. CE and KL average over all predicted
 positions of the held-out sequences.
+A cross-layer transcoder's stacked output is spliced at every layer at once, each layer's
+encoder reading the spliced forward's resid_mid (the replacement model), and the zero ablation
+removes every spanned MLP; it also reports per-layer FVU (each layer's own eval-set mean), L0
+and dead fraction (`fvu.layer<L>`, ...).
 Skip transcoders also report what their linear path alone
 (b_dec + x @ W_skip^T, every latent off) leaves unexplained: skip_fvu, and skip_explained =
 1 - skip_fvu, the fraction of the target's variance the skip explains.
@@ -37,7 +41,10 @@ DENSE_THRESHOLD = 0.1
 class ReconstructionStats:
     """Sums over the eval set in float64, so the FVU denominator uses the set's own mean."""
 
-    def __init__(self, n_latents: int, d_out: int, device: torch.device):
+    def __init__(self, n_latents: int, d_out: int, device: torch.device, layers: list[int] | None = None):
+        self.layers = layers or []  # a stacked output (CLT): equal slices of y, one per layer
+        self.layer_err = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        self.layer_y2 = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         self.tokens = 0
         self.err = torch.zeros((), dtype=torch.float64, device=device)
         self.sum_y = torch.zeros(d_out, dtype=torch.float64, device=device)
@@ -56,6 +63,9 @@ class ReconstructionStats:
         y, y_hat = y.double(), y_hat.double()
         self.tokens += y.shape[0]
         self.err += (y - y_hat).pow(2).sum()
+        if self.layers:
+            self.layer_err += (y - y_hat).pow(2).view(y.shape[0], len(self.layers), -1).sum((0, 2))
+            self.layer_y2 += y.pow(2).view(y.shape[0], len(self.layers), -1).sum((0, 2))
         self.sum_y += y.sum(0)
         self.sum_y2 += y.pow(2).sum()
         self.cos += F.cosine_similarity(y, y_hat, dim=1).sum()
@@ -68,10 +78,12 @@ class ReconstructionStats:
         over latent shards."""
         linear = self.err.new_zeros(1) if self.linear_err is None else self.linear_err.reshape(1)
         packed = torch.cat([self.err.reshape(1), self.sum_y2.reshape(1), self.cos.reshape(1), self.norm_ratio.reshape(1),
-                            self.err.new_tensor([self.tokens]), linear, self.sum_y])
+                            self.err.new_tensor([self.tokens]), linear, self.layer_err, self.layer_y2, self.sum_y])
         packed = reduce(packed)
         self.err, self.sum_y2, self.cos, self.norm_ratio = packed[:4]
-        self.tokens, self.sum_y = int(packed[4]), packed[6:]
+        n = len(self.layers)
+        self.layer_err, self.layer_y2 = packed[6:6 + n], packed[6 + n:6 + 2 * n]
+        self.tokens, self.sum_y = int(packed[4]), packed[6 + 2 * n:]
         self.linear_err = None if self.linear_err is None else packed[5]
         self.fires = (latent_reduce or reduce)(self.fires)
         return self
@@ -89,9 +101,25 @@ class ReconstructionStats:
             "norm_ratio": (self.norm_ratio / n).item(),
             "eval_tokens": self.tokens,
         }
+        out |= self._per_layer(n)
         if self.linear_err is not None:
             out["skip_fvu"] = (self.linear_err / total_var.clamp_min(1e-30)).item()
             out["skip_explained"] = 1.0 - out["skip_fvu"]
+        return out
+
+    def _per_layer(self, n: int) -> dict[str, float]:
+        """A stacked output's FVU (each layer's own eval-set mean), L0 and dead fraction per layer."""
+        out = {}
+        if not self.layers:
+            return out
+        per_layer_mean = self.sum_y.view(len(self.layers), -1)
+        fires = self.fires.view(len(self.layers), -1)
+        for i, layer in enumerate(self.layers):
+            var = self.layer_y2[i] - per_layer_mean[i].pow(2).sum() / n
+            out[f"fvu.layer{layer}"] = (self.layer_err[i] / var.clamp_min(1e-30)).item()
+            out[f"l0.layer{layer}"] = (fires[i].sum().double() / n).item()
+            out[f"dead_frac.layer{layer}"] = (fires[i] == 0).double().mean().item()
+        out["fvu_layer_mean"] = sum(out[f"fvu.layer{L}"] for L in self.layers) / len(self.layers)
         return out
 
     def log10_density(self) -> torch.Tensor:
@@ -111,7 +139,7 @@ def reconstruction_metrics(trainers: dict, source_batches: Iterable[dict], n_tok
     stats = {}
     for name, tr in trainers.items():
         sae = tr.sae
-        stats[name] = ReconstructionStats(sae.n_latents, sae.d_out, tr.tokens_since_fired.device)
+        stats[name] = ReconstructionStats(sae.n_latents, sae.d_out, tr.tokens_since_fired.device, sae.output_layers)
     seen = 0
     with inference_saes(trainers) as saes:
         for batch in source_batches:
@@ -158,8 +186,9 @@ def splice_metrics(source, trainers: dict, n_tokens: int, reduce) -> dict[str, d
             ce_clean += _next_token_ce(clean, ids).item()
             predicted += ids[:, 1:].numel()
             for name, tr in trainers.items():
-                spliced = source.logits(ids, tr.output_site, keep, saes[name].reconstruct, tr.input_site)
-                zero = source.logits(ids, tr.output_site, keep, lambda x: torch.zeros(()), tr.output_site)
+                # a stacked site (CLT) splices every layer at once: the replacement model
+                spliced = source.logits(ids, tr.output_site, keep, saes[name].splice_predictor(), tr.input_site)
+                zero = source.logits(ids, tr.output_site, keep, lambda *_: torch.zeros(()), tr.output_site)
                 sums[name]["ce_spliced"] += _next_token_ce(spliced, ids).item()
                 sums[name]["ce_zero"] += _next_token_ce(zero, ids).item()
                 sums[name]["kl"] += _kl_sum(clean, spliced).item()

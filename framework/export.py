@@ -21,14 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import load_file, save
 
-from framework import checkpoint, durable, hooks
+from framework import checkpoint, clt_export, durable, hooks
 from framework.errors import CheckpointError
 from framework.kinds import SAE_KINDS, build_sae, parse_options
 from framework.sae import TopKSAE, with_skip
@@ -72,16 +71,13 @@ def folded_tensors(sae: TopKSAE) -> dict[str, torch.Tensor]:
     }
 
 
-def _fresh_tmp_folder(final: Path) -> Path:
-    """An empty sibling of `final` to write an export into before it is published."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp_{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+def export_sae(sae, folder: Path, kind: str, metadata: dict, log10_density: torch.Tensor | None = None) -> Path:
+    """Write `sae` in its kind's format (`export_format`: SAELens, or circuit-tracer's CLT layout)."""
+    return EXPORT_FORMATS[sae.export_format](sae, folder, kind, metadata, log10_density)
 
 
-def export_sae(sae: TopKSAE, folder: Path, kind: str, metadata: dict, log10_density: torch.Tensor | None = None) -> Path:
+def export_saelens(sae: TopKSAE, folder: Path, kind: str, metadata: dict,
+                   log10_density: torch.Tensor | None = None) -> Path:
     """Write `sae` (a whole SAE: latent shards are gathered first, see SAETrainer.full_sae) as
     one SAELens folder, atomically: the files go to a temporary folder, fsynced, which then
     replaces `folder` (a kill leaves the old export or the new one, never a mix)."""
@@ -89,7 +85,7 @@ def export_sae(sae: TopKSAE, folder: Path, kind: str, metadata: dict, log10_dens
         raise TypeError(f"export_sae needs a whole SAE, got a {type(sae).__name__}: gather latent shards first "
                         "(SAETrainer.evaluating(whole=True) or tensor_parallel.gather_full)")
     folder = Path(folder)
-    tmp = _fresh_tmp_folder(folder)
+    tmp = durable.fresh_tmp_folder(folder)
     durable.write_file(tmp / WEIGHTS_FILE, save(folded_tensors(sae)))
     if log10_density is not None:
         durable.write_file(tmp / SPARSITY_FILE, save({"sparsity": log10_density.float().cpu().contiguous()}))
@@ -113,9 +109,15 @@ def export_sae(sae: TopKSAE, folder: Path, kind: str, metadata: dict, log10_dens
     return folder
 
 
+def _build_empty(kind: str, d_in: int, n_latents: int, k: int, d_out: int, options: dict):
+    return build_sae(kind, d_in, n_latents, k, d_out=d_out, options=options)
+
+
 def load_exported(folder: str | Path) -> TopKSAE:
     """An exported SAE as a module in raw units (scales 1): for checks and downstream use."""
     folder = Path(folder)
+    if clt_export.is_clt_export(folder):
+        return clt_export.load_clt_export(folder, _build_empty)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: missing {name} (not a SAELens export folder)")
@@ -140,6 +142,9 @@ def load_exported(folder: str | Path) -> TopKSAE:
             sae.skip.weight.copy_(tensors.pop("W_skip"))
         sae.load_export_extra(tensors)
     return sae
+
+
+EXPORT_FORMATS = {"saelens": export_saelens, "clt": clt_export.export_clt}  # a kind's export_format -> writer
 
 
 # ----------------------------------------------------------------------------- circuit-tracer
@@ -214,7 +219,7 @@ def export_circuit_tracer(folders, out: str | Path, scan: str = "") -> Path:
 
     layers, (hook_in, hook_out), model_name = _circuit_tracer_layers(folders, file_format=True)
     out = Path(out)
-    tmp = _fresh_tmp_folder(out)
+    tmp = durable.fresh_tmp_folder(out)
     for layer, sae in sorted(layers.items()):
         durable.write_file(tmp / f"layer_{layer}.safetensors", save(circuit_tracer_tensors(sae)))
     config = {"model_kind": "transcoder_set", "model_name": model_name, "feature_input_hook": hook_in,
@@ -298,10 +303,10 @@ def export_checkpoint(run_dir: Path, name: str | None = None, out: Path | None =
         tensors = {k: tensors[k] for k in tensors.keys()}
         prefix = "eval." if any(k.startswith("eval.") for k in tensors) else "sae."
         weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        n_latents, d_in = weights["encoder_weight"].shape
         transcoder = bool(s.output_site) and s.output_site != s.site
-        sae = build_sae(s.kind, d_in, n_latents, s.k, d_out=weights["decoder_weight"].shape[1] if transcoder else None,
-                        options=s.options, skip_connection=s.skip_connection)
+        d_in, n_latents, d_out = SAE_KINDS[s.kind].shape_from_weights(weights, parse_options(s.kind, s.options),
+                                                                      transcoder)
+        sae = build_sae(s.kind, d_in, n_latents, s.k, d_out=d_out, options=s.options, skip_connection=s.skip_connection)
         sae.load_state_dict(weights)
         sae.eval()
         folders.append(export_sae(sae, out / s.name, s.kind, export_metadata(cfg, s, manifest["tokens"])))

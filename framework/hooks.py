@@ -4,13 +4,17 @@ written back), resolved per architecture, with an early stop after the last need
 Site names: `blocks.<L>.<kind>` with kind in SITE_KINDS (TransformerLens names such as
 `blocks.6.hook_resid_post` are accepted too), or `module:<path>` / `module_input:<path>` for
 the output / first input of any named module.
+
+A *stacked* site `blocks.<A>-<B>.<kind>` is the concatenation (along the feature axis, layer A
+first) of that kind's sites in layers A..B: what a cross-layer transcoder reads and writes as
+one activation row, so that buffers, checkpoints and runners see one tensor (`stack_members`).
 """
 
 from __future__ import annotations
 
 import re
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,14 +30,44 @@ SITE_KINDS = {
     "resid_post": ("block", "output", "blocks.{L}.hook_resid_post"),
     "attn_out": ("attn", "output", "blocks.{L}.hook_attn_out"),
     "mlp_in": ("mlp_in", "input", "blocks.{L}.ln2.hook_normalized"),
+    # the residual stream between attention and MLP: the pre-MLP norm's input
+    "resid_mid": ("resid_mid", "input", "blocks.{L}.hook_resid_mid"),
     "mlp_out": ("mlp_out", "output", "blocks.{L}.hook_mlp_out"),
     # per-head attention outputs, concatenated, before the output projection
     "attn_z": ("attn_z", "input", "blocks.{L}.attn.hook_z"),
 }
 _TL_ALIASES = {"hook_resid_pre": "resid_pre", "hook_resid_post": "resid_post", "hook_attn_out": "attn_out",
-               "hook_mlp_out": "mlp_out", "ln2.hook_normalized": "mlp_in", "hook_mlp_in": "mlp_in",
+               "hook_mlp_out": "mlp_out", "hook_resid_mid": "resid_mid", "ln2.hook_normalized": "mlp_in", "hook_mlp_in": "mlp_in",
                 "attn.hook_z": "attn_z", "hook_z": "attn_z"}
 _BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_STACKED_SITE = re.compile(r"^blocks\.(\d+)-(\d+)\.(.+)$")
+
+
+def stacked_site(kind: str, layers: list[int]) -> str:
+    """The stacked site name of `kind` over contiguous `layers`."""
+    return f"blocks.{layers[0]}-{layers[-1]}.{kind}"
+
+
+def stack_members(name: str) -> list[str] | None:
+    """The per-layer sites of a stacked site (None for any other name)."""
+    m = _STACKED_SITE.match(name)
+    if not m:
+        return None
+    first, last = int(m.group(1)), int(m.group(2))
+    if last < first:
+        raise ConfigError(f"site '{name}': layer range {first}-{last} is empty (write the lower layer first)")
+    return [f"blocks.{L}.{m.group(3)}" for L in range(first, last + 1)]
+
+
+def stack_captured(store: dict[str, torch.Tensor], sites: list[str]) -> dict[str, torch.Tensor]:
+    """The requested `sites` from captured per-layer activations: stacked sites concatenated
+    along the last axis (only what was asked for is kept: no member is held twice)."""
+    return {s: torch.cat([store[m] for m in members], -1) if (members := stack_members(s)) else store[s] for s in sites}
+
+
+def parse_sites(name: str, key: str = "site") -> list[SiteSpec]:
+    """A site's specs: one, or a stacked site's members in order."""
+    return [parse_site(n, key) for n in (stack_members(name) or [name])]
 
 
 @dataclass(frozen=True)
@@ -95,6 +129,7 @@ class Layout:
     mlp_in: str
     mlp_out: str
     attn_z: str  # the attention's output projection (its input is the concatenated heads)
+    resid_mid: str = ""  # the pre-MLP norm, whose input is resid_mid ("": not defined for this architecture)
 
 
 ARCHITECTURES: Registry[Callable[[nn.Module], Layout]] = Registry("architecture")
@@ -108,23 +143,29 @@ def _prefixed(model: nn.Module, path: str) -> str:
 
 @ARCHITECTURES.register("gpt2")
 def _gpt2(model):
-    return Layout(_prefixed(model, "h"), "attn", "mlp", "mlp", "attn.c_proj")
+    return Layout(_prefixed(model, "h"), "attn", "mlp", "mlp", "attn.c_proj", "ln_2")
 
 
 @ARCHITECTURES.register("gpt_neox")
 def _neox(model):
-    return Layout(_prefixed(model, "layers"), "attention", "mlp", "mlp", "attention.dense")
+    # use_parallel_residual (the default): the MLP reads the block input, so resid_mid = resid_pre there
+    return Layout(_prefixed(model, "layers"), "attention", "mlp", "mlp", "attention.dense", "post_attention_layernorm")
 
 
-for _name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3", "smollm3"):
+for _name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "olmo", "phi3", "smollm3"):
+    ARCHITECTURES.register(_name)(
+        lambda model: Layout(_prefixed(model, "layers"), "self_attn", "mlp", "mlp", "self_attn.o_proj",
+                             "post_attention_layernorm"))
+for _name in ("gemma2", "gemma3_text", "olmo2"):  # post-attention norms on the branch: resid_mid left undefined
     ARCHITECTURES.register(_name)(
         lambda model: Layout(_prefixed(model, "layers"), "self_attn", "mlp", "mlp", "self_attn.o_proj"))
 
 for _name in ("bert", "roberta", "xlm-roberta", "electra"):
-    # Post-LN encoders: attn_out / mlp_out are the projections before the residual add + LayerNorm.
+    # Post-LN encoders: attn_out / mlp_out are the projections before the residual add + LayerNorm;
+    # the normed stream after attention is both the residual and the MLP's input: resid_mid = mlp_in.
     ARCHITECTURES.register(_name)(
         lambda model: Layout(_prefixed(model, "encoder.layer"), "attention.output.dense", "intermediate", "output.dense",
-                             "attention.output.dense")
+                             "attention.output.dense", "intermediate")
     )
 
 
@@ -141,7 +182,7 @@ def _first_path(model: nn.Module, *paths: str) -> str:
 
 # Vision encoders (framework/vision.py): the token axis is CLS (where the family has one) + patches.
 # Pre-LN blocks; DINOv2's attn_out / mlp_out are read before its layer scale. For CLIP / SigLIP
-# models with both towers, blocks.<L> are the vision tower's.
+# models with both towers, blocks.<L> are the vision tower's. resid_mid is left undefined here.
 for _name in ("vit", "dinov2"):
     ARCHITECTURES.register(_name)(
         lambda model: Layout(_first_path(model, _prefixed(model, "layers"), _prefixed(model, "encoder.layer")),
@@ -179,6 +220,9 @@ def resolve(model: nn.Module, spec: SiteSpec) -> tuple[nn.Module, str]:
         raise ConfigError(f"hook site '{spec.name}': layer {spec.layer} out of range, model has {len(blocks)} layers")
     block = blocks[spec.layer]
     where = SITE_KINDS[spec.kind][0]
+    if not getattr(layout, where, "block"):
+        raise ConfigError(f"hook site '{spec.name}': '{spec.kind}' is not defined for architecture "
+                          f"'{model.config.model_type}'")
     module = block if where == "block" else block.get_submodule(getattr(layout, where))
     return module, spec.read
 
@@ -277,13 +321,24 @@ def splice_prediction(model: nn.Module, output_site: str, positions: torch.Tenso
                       input_site: str | None = None):
     """Within the block, the activation at `output_site` is replaced at `positions` by
     predict(the `input_site` activation at those positions) (input_site defaults to
-    output_site: an SAE reconstructing its own site); other positions keep their clean value."""
-    in_spec, out_spec = parse_site(input_site or output_site), parse_site(output_site)
-    with capture(model, [in_spec], stop_early=False) as inputs:
-        def replace(act: torch.Tensor) -> torch.Tensor:
-            out = act.clone()
-            out[positions] = predict(inputs[in_spec.name][positions]).to(act.dtype)
-            return out
+    output_site: an SAE reconstructing its own site); other positions keep their clean value.
 
-        with splice(model, out_spec, replace):
-            yield
+    Stacked sites splice every member at once: member j of the output is replaced by
+    predict(j, member j of the input, read in this spliced forward), called in layer order, so
+    a layer-wise predictor (a cross-layer transcoder) sees the inputs its own earlier
+    replacements produced (the replacement model, errors compounding as they would)."""
+    in_specs, out_specs = parse_sites(input_site or output_site), parse_sites(output_site)
+    if len(in_specs) != len(out_specs):
+        raise ValueError(f"splice: {input_site} and {output_site} stack different numbers of layers")
+    call = predict if stack_members(output_site) is not None else (lambda j, x: predict(x))
+    with capture(model, in_specs, stop_early=False) as inputs, ExitStack() as stack:
+        def replacer(j: int):
+            def replace(act: torch.Tensor) -> torch.Tensor:
+                out = act.clone()
+                out[positions] = call(j, inputs[in_specs[j].name][positions]).to(act.dtype)
+                return out
+            return replace
+
+        for j, spec in enumerate(out_specs):
+            stack.enter_context(splice(model, spec, replacer(j)))
+        yield

@@ -6,6 +6,7 @@ imports this, and `framework.sae` (the base classes) imports none of the variant
     batchtopk, mutual_choice, feature_choice    framework/variants/choice.py
     topafa, gsae, mpsae, matryoshka, vtopk      framework/variants/<name>.py
     jumprelu                                    framework/variants/jumprelu.py
+    clt (cross-layer transcoder)                framework/variants/clt.py
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from framework.errors import ConfigError
 from framework.sae import SAE_KINDS, TopKSAE, with_skip
 from framework.schema import build_dataclass
-from framework.variants import choice, gsae, jumprelu, matryoshka, mpsae, topafa, vtopk  # noqa: F401  (registration)
+from framework.variants import choice, clt, gsae, jumprelu, matryoshka, mpsae, topafa, vtopk  # noqa: F401  (registration)
 
 __all__ = ["SAE_KINDS", "build_sae", "lm_gradient_sites", "parse_options"]
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from framework import text_data
+from framework import hooks, text_data
 from framework.activations import ActivationSource, FileSource, LLMSource
 from framework.engine import Engine, mesh_shape
 from framework.errors import ConfigError, DataError
-from framework.kinds import lm_gradient_sites
+from framework.kinds import SAE_KINDS, lm_gradient_sites, parse_options
 from framework.llm import check_zero3_layout, load_frozen
 from framework.routing import RoutedSource, assign_owners
 from framework.registry import Registry
@@ -59,10 +59,25 @@ def _store_source(cfg: RunConfig, device, rank: int, world: int) -> ActivationSo
     return build_store_source(cfg, device, rank, world)
 
 
+def check_sites_resolve(cfg: RunConfig, model) -> None:
+    """Every SAE's sites exist in the loaded model, else a ConfigError naming the SAE's key (a
+    kind that derives its sites from options, a CLT, names its options)."""
+    for i, s in enumerate(cfg.saes):
+        derived = SAE_KINDS[s.kind].configured_sites(parse_options(s.kind, s.options)) is not None
+        for key in ("site", "output_site"):
+            for spec in hooks.parse_sites(getattr(s, key)) if getattr(s, key) else ():
+                try:
+                    hooks.resolve(model, spec)
+                except ConfigError as err:
+                    where = f"saes.{i}.options" if derived else f"saes.{i}.{key}"
+                    raise ConfigError(f"{where}: {err}") from None
+
+
 @SOURCES.register("text")
 def _llm_source(cfg: RunConfig, device, rank: int, world: int) -> ActivationSource:
     check_zero3_layout(cfg, world)
     model, tokenizer = load_frozen(cfg.model, seed=cfg.train.seed)
+    check_sites_resolve(cfg, model)
     return LLMSource(cfg.data, model, tokenizer, configured_sites(cfg), device, cfg.train.seed, rank, world,
                      grad_sites=lm_gradient_sites(cfg.saes))
 

@@ -46,6 +46,20 @@ class SAEBase(nn.Module):
     needs_lm_grad = False  # capability: the step needs d(LM loss)/d(activation) (gsae)
     variable_l0 = False  # capability: the number of active latents varies per token (else at most k)
     has_skip = False  # True for the with_skip() variants
+    cross_layer = False  # capability: reads and writes stacked sites of several layers (its own, see configured_sites)
+    export_format = "saelens"  # framework/export.py EXPORT_FORMATS
+    output_layers: list[int] | None = None  # layers stacked in the output (per-layer metrics), None: one site
+
+    @classmethod
+    def configured_sites(cls, options) -> tuple[str, str] | None:
+        """(input site, output site) a kind derives from its options (None: the config names them)."""
+        return None
+
+    @classmethod
+    def shape_from_weights(cls, weights: dict, options, transcoder: bool) -> tuple[int, int, int | None]:
+        """(d_in, n_latents, d_out or None) of saved weights, for rebuilding from a checkpoint."""
+        n_latents, d_in = weights["encoder_weight"].shape
+        return d_in, n_latents, weights["decoder_weight"].shape[1] if transcoder else None
 
     def _make_parameters(self, n_rows: int, d_in: int, d_out: int, is_transcoder: bool, g: torch.Generator,
                          dtype: torch.dtype = torch.float32, device=None) -> None:
@@ -67,6 +81,9 @@ class SAEBase(nn.Module):
     def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.output_scale
 
+    def denormalize_target(self, y: torch.Tensor) -> torch.Tensor:
+        return y / self.output_scale
+
     def normalize_lm_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """d(loss)/d(target) in normalised units: the target is scaled by output_scale."""
         return grad / self.output_scale
@@ -78,7 +95,20 @@ class SAEBase(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x_raw: torch.Tensor) -> torch.Tensor:
         """Reconstruction in the caller's (unnormalised) units."""
-        return self(self.normalize_input(x_raw.float())).x_hat / self.output_scale
+        return self.denormalize_target(self(self.normalize_input(x_raw.float())).x_hat)
+
+    def splice_predictor(self):
+        """What evaluation splices in (framework/hooks.py splice_prediction): raw input -> raw
+        reconstruction (cross-layer kinds: a layer-wise predictor)."""
+        return self.reconstruct
+
+    def reconstruction_loss(self, x_hat: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
+        """The objective's reconstruction term (and the logged train FVU): the normalised MSE."""
+        return batch.normalized_mse(x_hat)
+
+    def unit_norm_decoders(self) -> list[nn.Parameter]:
+        """Parameters whose rows (dim 0, the rest flattened) are kept at unit norm."""
+        return [self.decoder_weight]
 
     @torch.no_grad()
     def init_from_sample(self, x: torch.Tensor, y: torch.Tensor, normalize: bool, b_dec_init: str) -> None:

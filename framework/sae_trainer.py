@@ -60,13 +60,15 @@ class SAEObjective(nn.Module):
         self.world, self.reduce = runner.data_world, runner.reduce_batch
         # Project out each decoder row's radial gradient as the gradient is produced: linear, so
         # it commutes with the gradient averaging, and it runs before any ZeRO partitioning.
-        sae.decoder_weight.register_hook(self._project_radial)
+        for param in sae.unit_norm_decoders():
+            param.register_hook(lambda grad, param=param: self._project_radial(grad, param))
 
-    def _project_radial(self, grad: torch.Tensor) -> torch.Tensor:
-        w = self.sae.decoder_weight.detach()
+    @staticmethod
+    def _project_radial(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        w = param.detach()
         if w.shape != grad.shape:  # ZeRO-3 released the full weight: leave the gradient as is
             return grad
-        return project_out_radial(grad, w)
+        return project_out_radial(grad.flatten(1), w.flatten(1)).view_as(grad)
 
     def forward(self, x_raw: torch.Tensor, y_raw: torch.Tensor, k: int, dead_ids: torch.Tensor | None,
                 autocast: bool = False, lm_grad_raw: torch.Tensor | None = None):
@@ -76,7 +78,7 @@ class SAEObjective(nn.Module):
         batch = TrainingBatch(target=y, lm_grad=lm_grad, reduce=self.reduce)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = sae(x, k, batch=batch)
-            fvu = batch.normalized_mse(out.x_hat.float())
+            fvu = sae.reconstruction_loss(out.x_hat.float(), batch)
             aux = (aux_k_loss(sae, x, (y - out.x_hat).detach().float(), dead_ids, self.aux_k, batch)
                    if dead_ids is not None and dead_ids.numel() else fvu.new_zeros(()))
             loss = fvu + self.cfg.aux_coef * aux + sum(out.losses.values(), fvu.new_zeros(()))
@@ -103,12 +105,14 @@ class SAETrainer:
         aux_k = cfg.aux_k or max(1, dims[input_site] // 2)
         runner_class = engine.runner_class() if engine is not None else Runner
         kwargs = {"engine": engine} if engine is not None else {}
+        sae = blueprint().to(device)
+        self.n_latents = sae.n_latents  # all latents (a cross-layer kind's: n_latents per layer x layers)
         self.runner: Runner = runner_class(
-            blueprint().to(device), lambda sae, runner: SAEObjective(sae, cfg, aux_k, runner),
+            sae, lambda sae, runner: SAEObjective(sae, cfg, aux_k, runner),
             lambda params: optim.OPTIMIZERS[train_cfg.optimizer](params, lr, train_cfg, total_steps),
             train_cfg, blueprint, eval_weights=train_cfg.optimizer in optim.EVAL_WEIGHTS, **kwargs)
-        self.tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
-        self.fire_counts = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)  # since last histogram
+        self.tokens_since_fired = torch.zeros(self.n_latents, dtype=torch.long, device=device)
+        self.fire_counts = torch.zeros(self.n_latents, dtype=torch.long, device=device)  # since last histogram
         self.step_count = 0
         self.reset_sums()
 
@@ -142,7 +146,7 @@ class SAETrainer:
         dead_ids = self.dead_mask().nonzero().squeeze(1) if self.cfg.aux_coef > 0 else None
         micro = self.train_cfg.grad_accumulation_steps
         size = x_raw.shape[0] // micro
-        fired = torch.zeros(self.cfg.n_latents, dtype=torch.long, device=x_raw.device)
+        fired = torch.zeros(self.n_latents, dtype=torch.long, device=x_raw.device)
         outs, losses = [], 0
         for i in range(micro):
             rows = slice(i * size, (i + 1) * size)
@@ -151,7 +155,7 @@ class SAETrainer:
                                              None if lm_grad is None else lm_grad[rows])
                 runner.backward(loss)
             losses = losses + torch.stack([loss.detach() / runner.data_world, fvu, aux]) / micro
-            fired += torch.bincount(out.indices[out.values != 0], minlength=self.cfg.n_latents)
+            fired += torch.bincount(out.indices[out.values != 0], minlength=self.n_latents)
             outs.append(out)
         grad_norm = runner.step()
         with runner.gathered(modify=True), torch.no_grad():

@@ -8,4 +8,5 @@ registers its kinds in framework.sae.SAE_KINDS; framework/kinds.py imports them 
     matryoshka                                  (matryoshka.py)
     vtopk                                       (vtopk.py)
     jumprelu                                    (jumprelu.py)
+    clt                                         (clt.py)
 """

@@ -35,7 +35,7 @@ if args.preinit:
 for strategy in args.strategies.split(","):
     engine = Engine(DistConfig(strategy=strategy), "cpu")
     rows = torch.arange(engine.rank * B // engine.world, (engine.rank + 1) * B // engine.world)
-    for kind in sorted(SAE_KINDS):
+    for kind in sorted(k for k in SAE_KINDS if not SAE_KINDS[k].cross_layer):  # clt: clt_dist_steps.py
         cfg = SAEConfig(name=kind, site="a", kind=kind, n_latents=N, k=K, dead_after_tokens=B, aux_k=4, lr=1e-3)
         tcfg = TrainConfig(warmup_steps=1, batch_size=B, total_tokens=B * STEPS)
         tr = SAETrainer(cfg, tcfg, "a", "a", {"a": D}, STEPS, torch.device("cpu"), seed=3, engine=engine)

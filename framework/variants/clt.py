@@ -1,0 +1,232 @@
+"""Cross-layer transcoders (kind `clt`, Ameisen et al. 2025): over contiguous layers A..B, the
+latents of layer L read `blocks.L.resid_mid` (the MLP's input side) and write to the MLP
+output of every layer L' >= L; layer L' is reconstructed from the latents of all layers <= L'.
+
+As one activation row the CLT reads the stacked site `blocks.A-B.resid_mid` and writes
+`blocks.A-B.mlp_out` (framework/hooks.py), so the buffer, runners and checkpoints treat it as
+one transcoder with d_in = d_out = n_layers * d_model and n_layers * n_latents latents
+(`saes.N.n_latents` and `k` are per layer: each layer keeps its own top k). Parameters:
+
+    encoder_weight [n_layers * n_latents, d_model]   row r reads layer r // n_latents
+    encoder_bias   [n_layers * n_latents]
+    decoders.i     [n_latents, n_layers - i, d_model] layer i's latents -> layers i..B
+    b_dec          [n_layers * d_model]
+
+Decoder memory grows as n_latents * d_model * n(n+1)/2 (README). Each latent's decoder (all
+its target layers together) is kept at unit norm. Normalisation is per layer (every layer's
+input and target scaled to E||.||^2 = d_model), and the loss is the mean over layers of each
+layer's normalised MSE (the sum of per-layer FVUs over n: the same minimiser, with aux_coef and
+lr on the scale of one FVU), so a layer with a large MLP output does not drown the others.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from framework import hooks
+from framework.losses import TrainingBatch
+from framework.sae import B_DEC_INIT, SAE_KINDS, SAEBase, SAEOutput
+from framework.variants.common import require
+
+INPUT_KIND, OUTPUT_KIND = "resid_mid", "mlp_out"
+
+
+def parse_layers(value) -> list[int]:
+    """`[2, 3, 4]` or `"2-4"` -> [2, 3, 4]; anything else, gaps or a descending order fail."""
+    require(bool(value), "options.layers: required for kind clt: the contiguous layers it spans, e.g. [0, 1, 2] "
+                         "or '0-5'")
+    if isinstance(value, str):
+        parts = value.split("-")
+        require(len(parts) == 2 and all(p.strip().isdigit() for p in parts),
+                f"options.layers: '{value}' is not a layer range; write e.g. '0-5' or a list [0, 1, 2]")
+        first, last = int(parts[0]), int(parts[1])
+        require(first <= last, f"options.layers: '{value}' is empty (write the lower layer first)")
+        return list(range(first, last + 1))
+    layers = list(value)
+    require(all(L >= 0 for L in layers), f"options.layers: {layers} has a negative layer")
+    require(layers == list(range(layers[0], layers[0] + len(layers))),
+            f"options.layers: {layers} is not contiguous and ascending (a CLT's latents write to every later layer "
+            "of one range), e.g. {list(range(layers[0], layers[0] + len(layers)))}")
+    return layers
+
+
+@dataclass
+class CLTOptions:
+    layers: list[int] | str = ""  # the contiguous layers the CLT spans: [0, 1, 2] or "0-5"
+
+    def __post_init__(self):
+        self.layers = parse_layers(self.layers)
+
+
+@SAE_KINDS.register("clt")
+class CrossLayerTranscoder(SAEBase):
+    """TopK cross-layer transcoder (module docstring). Inputs/targets are stacked rows."""
+
+    Options = CLTOptions
+    export_architecture = "clt"
+    export_format = "clt"
+    cross_layer = True
+    use_abs = False
+
+    @classmethod
+    def configured_sites(cls, options: CLTOptions) -> tuple[str, str]:
+        return hooks.stacked_site(INPUT_KIND, options.layers), hooks.stacked_site(OUTPUT_KIND, options.layers)
+
+    @classmethod
+    def shape_from_weights(cls, weights: dict, options: CLTOptions, transcoder: bool) -> tuple[int, int, int]:
+        n = len(options.layers)
+        rows, d = weights["encoder_weight"].shape
+        return d * n, rows // n, weights["b_dec"].shape[0]
+
+    def __init__(self, d_in: int, n_latents: int, k: int, d_out: int | None = None, seed: int = 0, options=None):
+        super().__init__()
+        self.options = options if options is not None else CLTOptions(layers=[0])
+        self.layers = list(self.options.layers)
+        n = self.n_layers = len(self.layers)
+        d_out = d_out or d_in
+        if d_in % n or d_out % n:
+            raise ValueError(f"clt: stacked widths {d_in} -> {d_out} are not multiples of its {n} layers")
+        self.d_model_in, self.d_model = d_in // n, d_out // n
+        self.d_in, self.d_out, self.is_transcoder = d_in, d_out, True
+        self.per_layer, self.k = n_latents, k
+        self.n_latents = n * n_latents
+        g = torch.Generator().manual_seed(seed)
+        decoders = []
+        for i in range(n):
+            dec = torch.randn(n_latents, n - i, self.d_model, generator=g)
+            decoders.append(nn.Parameter(dec / dec.flatten(1).norm(dim=1)[:, None, None]))
+        self.encoder_weight = nn.Parameter(torch.randn(self.n_latents, self.d_model_in, generator=g)
+                                           / math.sqrt(self.d_model_in))
+        self.encoder_bias = nn.Parameter(torch.zeros(self.n_latents))
+        self.decoders = nn.ParameterList(decoders)
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.register_buffer("input_scale", torch.ones(n))  # per layer
+        self.register_buffer("output_scale", torch.ones(n))
+
+    # -- units ----------------------------------------------------------------------------
+    def _per_dim(self, scale: torch.Tensor, width: int) -> torch.Tensor:
+        return scale.repeat_interleave(width)
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._per_dim(self.input_scale, self.d_model_in)
+
+    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self._per_dim(self.output_scale, self.d_model)
+
+    def denormalize_target(self, y: torch.Tensor) -> torch.Tensor:
+        return y / self._per_dim(self.output_scale, self.d_model)
+
+    def normalize_lm_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad / self._per_dim(self.output_scale, self.d_model)
+
+    def input_offset(self) -> torch.Tensor:
+        return self.b_dec.new_zeros(self.d_model_in)
+
+    @torch.no_grad()
+    def init_from_sample(self, x: torch.Tensor, y: torch.Tensor, normalize: bool, b_dec_init: str) -> None:
+        """Per-layer scales (E||x_L||^2 = d_model for every layer) and b_dec from a sample."""
+        if normalize:
+            n = self.n_layers
+            self.input_scale.copy_((self.d_model_in / x.view(-1, n, self.d_model_in).pow(2).sum(2).mean(0)).sqrt())
+            self.output_scale.copy_((self.d_model / y.view(-1, n, self.d_model).pow(2).sum(2).mean(0)).sqrt())
+        self.b_dec.copy_(B_DEC_INIT[b_dec_init](self.normalize_target(y)).to(self.b_dec.dtype))
+
+    # -- decoder constraint ---------------------------------------------------------------
+    def unit_norm_decoders(self) -> list[nn.Parameter]:
+        return list(self.decoders)
+
+    @torch.no_grad()
+    def renorm_decoder(self) -> None:
+        for dec in self.decoders:
+            dec /= dec.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+
+    # -- math ------------------------------------------------------------------------------
+    def _rows(self, i: int) -> slice:
+        return slice(i * self.per_layer, (i + 1) * self.per_layer)
+
+    def _layer_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return x[:, i * self.d_model_in:(i + 1) * self.d_model_in]
+
+    def encode_layer(self, x_layer: torch.Tensor, i: int, k: int | None = None):
+        """Top k of layer i's latents on that layer's (normalised) input: (values, local ids)."""
+        return kernels.topk_encode(x_layer, self.encoder_weight[self._rows(i)], self.encoder_bias[self._rows(i)],
+                                   self.input_offset(), k or self.k)
+
+    def _decode_groups(self, groups) -> torch.Tensor:
+        """sum over source layers i of (values_i, local ids_i) decoded into layers i..B."""
+        out = None
+        for i, (values, ids) in enumerate(groups):
+            part = kernels.sparse_decode(values, ids, self.decoders[i].flatten(1))
+            part = F.pad(part, (i * self.d_model, 0))
+            out = part if out is None else out + part
+        return out
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """Any (values, global latent ids) (e.g. AuxK's dead latents, from any layers)."""
+        layer = indices // self.per_layer
+        local = indices - layer * self.per_layer
+        groups = [(values * (layer == i).to(values.dtype), local) for i in range(self.n_layers)]
+        out = self._decode_groups(groups)
+        return out + self.b_dec if with_bias else out
+
+    def forward(self, x: torch.Tensor, k: int | None = None, batch: TrainingBatch | None = None) -> SAEOutput:
+        groups = [self.encode_layer(self._layer_input(x, i), i, k) for i in range(self.n_layers)]
+        values = torch.cat([v for v, _ in groups], 1)
+        indices = torch.cat([ids + i * self.per_layer for i, (_, ids) in enumerate(groups)], 1)
+        return SAEOutput(self._decode_groups(groups) + self.b_dec, values, indices)
+
+    def encode_rows(self, x: torch.Tensor, rows: torch.Tensor, k: int):
+        """Top k over the latents `rows` (any layers), each on its own layer's input."""
+        values, ids = [], []
+        layer = rows // self.per_layer
+        for i in range(self.n_layers):
+            mine = rows[layer == i]
+            if mine.numel():
+                v, sub = kernels.topk_encode(self._layer_input(x, i), self.encoder_weight[mine], self.encoder_bias[mine],
+                                             self.input_offset(), min(k, mine.numel()))
+                values.append(v)
+                ids.append(mine[sub])
+        values, ids = torch.cat(values, 1), torch.cat(ids, 1)
+        top = values.detach().topk(min(k, values.shape[1]), dim=1).indices
+        return values.gather(1, top), ids.gather(1, top)
+
+    def reconstruction_loss(self, x_hat: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
+        """Mean over layers of each layer's normalised MSE (module docstring)."""
+        d = self.d_model
+        return sum(batch.normalized_mse(x_hat[:, i * d:(i + 1) * d], batch.target[:, i * d:(i + 1) * d])
+                   for i in range(self.n_layers)) / self.n_layers
+
+    def training_batch(self, x: torch.Tensor, batch: TrainingBatch | None) -> TrainingBatch:
+        return batch if batch is not None else TrainingBatch(target=None)
+
+    def after_step(self, out: SAEOutput) -> None:
+        """No running state."""
+
+    @property
+    def output_layers(self) -> list[int]:
+        return self.layers
+
+    def splice_predictor(self):
+        """predict(j, raw input of layer j) -> raw reconstruction of layer j's MLP output, called
+        for j = 0, 1, ... in order (a replacement forward): layer j's codes are kept for the
+        later layers' reconstructions."""
+        codes = []
+        d = self.d_model
+
+        @torch.no_grad()
+        def predict(j: int, x_raw: torch.Tensor) -> torch.Tensor:
+            if j != len(codes):
+                raise RuntimeError(f"clt predictor: layer {j} asked before layer {len(codes)}")
+            codes.append(self.encode_layer(x_raw.float() * self.input_scale[j], j))
+            out = self.b_dec[j * d:(j + 1) * d].expand(x_raw.shape[0], d)
+            for i, (values, ids) in enumerate(codes):
+                out = out + kernels.sparse_decode(values, ids, self.decoders[i][:, j - i].contiguous())
+            return out / self.output_scale[j]
+
+        return predict

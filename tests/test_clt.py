@@ -1,0 +1,201 @@
+"""Cross-layer transcoders (kind clt): config errors, the math against a dense reference,
+training end to end through `sparsemill train` on tiny-gpt2 (replacement-model and per-layer
+metrics), bitwise resume, and circuit-tracer's own CLT loader on our export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+import yaml
+
+from _selection import assert_same_topk
+from framework import checkpoint, clt_export, export
+from framework.cli import main
+from framework.config import ConfigError, load_config
+from framework.kinds import build_sae
+from framework.train import train
+
+if not hasattr(huggingface_hub.constants, "HF_HUB_ENABLE_HF_TRANSFER"):  # see tests/test_circuit_tracer_export.py
+    huggingface_hub.constants.HF_HUB_ENABLE_HF_TRANSFER = False
+
+LAYERS, D = 4, 64  # tiny-gpt2
+
+
+def _cfg(tmp_path: Path, text_dir: Path, **sae) -> Path:
+    cfg = {"run_dir": str(tmp_path / "run"), "model": {"name": "tiny-gpt2"},
+           "data": {"paths": [str(text_dir)], "context_size": 32, "llm_batch_size": 8},
+           "saes": [{"name": "clt", "kind": "clt", "n_latents": 48, "k": 4, "dead_after_tokens": 512,
+                     "options": {"layers": "0-3"}, **sae}],
+           "train": {"total_tokens": 8 * 128, "batch_size": 128, "buffer_tokens": 512, "init_tokens": 256,
+                     "warmup_steps": 2, "checkpoint_every": 0},
+           "eval": {"tokens": 256, "splice_tokens": 256}, "log": {"progress": False, "tensorboard": False}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("sae, message", [
+    ({"options": {"layers": [0, 2, 3]}}, "saes.0.options.layers: [0, 2, 3] is not contiguous"),
+    ({"options": {"layers": [2, 1]}}, "saes.0.options.layers: [2, 1] is not contiguous"),
+    ({"options": {"layers": "3-1"}}, "saes.0.options.layers: '3-1' is empty"),
+    ({"options": {"layers": "a-b"}}, "saes.0.options.layers: 'a-b' is not a layer range"),
+    ({"options": {}}, "saes.0.options.layers: required for kind clt"),
+    ({"site": "blocks.0.resid_post"}, "saes.0.site: kind clt reads and writes the sites of saes.0.options.layers"),
+    ({"skip_connection": True}, "saes.0.skip_connection: not supported for kind clt"),
+    ({"kind": "topk", "site": "blocks.1.resid_post", "options": {}, "skip_connection": True},
+     "saes.0.skip_connection: a skip connection maps the input site"),
+])
+def test_bad_clt_configs_fail_naming_the_key(tmp_path, text_dir, sae, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(_cfg(tmp_path, text_dir, **sae))
+
+
+def test_layers_beyond_the_model_fail_before_training(tmp_path, text_dir):
+    cfg = load_config(_cfg(tmp_path, text_dir, options={"layers": "2-5"}))
+    assert cfg.saes[0].site == "blocks.2-5.resid_mid" and cfg.saes[0].output_site == "blocks.2-5.mlp_out"
+    with pytest.raises(ConfigError, match="saes.0.options: hook site 'blocks.4.resid_mid': layer 4 out of range, model has 4 layers"):
+        train(cfg)
+
+
+def _dense_reference(sae, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Float64 per-layer relu + top k, and every latent of layer i decoded into layers >= i."""
+    n, m, d = sae.n_layers, sae.per_layer, sae.d_model
+    out = sae.b_dec.double().expand(x.shape[0], -1).clone()
+    pres = []
+    for i in range(n):
+        pre = x[:, i * d:(i + 1) * d].double() @ sae.encoder_weight[i * m:(i + 1) * m].double().T
+        pre = pre + sae.encoder_bias[i * m:(i + 1) * m].double()
+        pres.append(pre.relu())
+        v, j = pre.relu().topk(sae.k, dim=1)
+        out[:, i * d:] += torch.zeros_like(pre).scatter(1, j, v) @ sae.decoders[i].double().flatten(1)
+    return out, pres
+
+
+def test_clt_math_matches_a_dense_reference_and_the_layerwise_splice():
+    sae = build_sae("clt", 3 * 16, 32, 4, d_out=3 * 16, seed=1, options={"layers": [1, 2, 3]})
+    with torch.no_grad():
+        sae.encoder_bias.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    out = sae(x)
+    ref, pres = _dense_reference(sae, x)
+    agree = torch.ones(64, dtype=torch.bool)
+    for i, pre in enumerate(pres):
+        agree &= assert_same_topk(out.indices[:, 4 * i:4 * (i + 1)] - 32 * i, pre, 4)
+    assert agree.float().mean() > 0.9
+    torch.testing.assert_close(out.x_hat[agree].double(), ref[agree], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.decode(out.values, out.indices), out.x_hat)  # the generic (AuxK) decode
+    predict = sae.splice_predictor()  # layer by layer, as the replacement forward calls it
+    torch.testing.assert_close(torch.cat([predict(j, x[:, 16 * j:16 * (j + 1)]) for j in range(3)], 1), out.x_hat)
+    assert [p.shape for p in sae.decoders] == [(32, 3, 16), (32, 2, 16), (32, 1, 16)]  # n(n+1)/2 blocks
+
+
+def _straight_and_stopped(tmp_path: Path, text_dir: Path, monkeypatch, stop_step: int) -> None:
+    from framework import train as train_module  # noqa: PLC0415
+    from framework.preemption import Preempted  # noqa: PLC0415
+
+    path = _cfg(tmp_path, text_dir)
+    assert main(["train", str(path), "--quiet", "--run-dir", str(tmp_path / "straight")]) == 0
+    calls = iter(range(1, 10**6))
+    monkeypatch.setattr(train_module.PreemptionFlag, "should_stop", lambda self, engine: next(calls) == stop_step)
+    with pytest.raises(Preempted):
+        train(load_config(path, [f"run_dir={tmp_path / 'stopped'}"]))
+    monkeypatch.undo()
+    train(load_config(path, [f"run_dir={tmp_path / 'stopped'}"]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, text_dir) -> Path:
+    root = tmp_path_factory.mktemp("clt")
+    with pytest.MonkeyPatch.context() as mp:
+        _straight_and_stopped(root, text_dir, mp, stop_step=3)
+    return root
+
+
+def _final(run: Path) -> Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+def test_trains_end_to_end_with_replacement_and_per_layer_metrics(runs):
+    m = json.loads((runs / "straight" / "eval.json").read_text())["clt"]
+    for L in range(LAYERS):
+        assert 0 < m[f"fvu.layer{L}"] < 1 and 0 < m[f"l0.layer{L}"] <= 4
+    assert m["l0"] == pytest.approx(sum(m[f"l0.layer{L}"] for L in range(LAYERS)))
+    assert m["fvu_layer_mean"] == pytest.approx(sum(m[f"fvu.layer{L}"] for L in range(LAYERS)) / LAYERS)
+    for key in ("delta_ce", "kl", "ce_recovered", "ce_zero_ablated"):
+        assert key in m and m[key] == m[key]
+    assert m["kl"] > 0  # every layer's MLP output was replaced
+
+
+def test_resume_is_bitwise(runs):
+    a = checkpoint.read_saved(_final(runs / "straight"), "clt").shared
+    b = checkpoint.read_saved(_final(runs / "stopped"), "clt").shared
+    assert set(a.tensors.keys()) == set(b.tensors.keys()) and any("decoders.3" in k for k in a.tensors.keys())
+    for key in a.tensors.keys():
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+
+
+def _trained(run: Path):
+    """The checkpoint's CLT in training units (its own scales): not through the export."""
+    from framework.kinds import parse_options  # noqa: F401, PLC0415
+
+    tensors = checkpoint.read_saved(_final(run), "clt").shared.tensors
+    weights = {k[len("sae."):]: tensors[k] for k in tensors.keys() if k.startswith("sae.")}
+    sae = build_sae("clt", LAYERS * D, 48, 4, d_out=LAYERS * D, options={"layers": "0-3"})
+    sae.load_state_dict(weights)
+    return sae.eval()
+
+
+def test_circuit_tracer_loads_our_clt_and_computes_the_same(runs, tmp_path):
+    folder = runs / "straight" / "export" / "clt"
+    ct_cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    assert ct_cfg["model_kind"] == "cross_layer_transcoder" and ct_cfg["feature_input_hook"] == "hook_resid_mid"
+    clt = clt_export.circuit_tracer_clt(folder)
+    assert (clt.n_layers, clt.d_transcoder, clt.d_model) == (LAYERS, 48, D)
+    ours = _trained(runs / "straight")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, LAYERS * D, generator=g) / ours.input_scale.repeat_interleave(D)  # raw-scale inputs
+    with torch.no_grad():
+        theirs_codes = clt.encode(x.view(-1, LAYERS, D).transpose(0, 1))  # [layers, B, d_sae]
+        theirs = clt.decode(theirs_codes.to_sparse()).transpose(0, 1).reshape(256, -1)
+        out = ours(ours.normalize_input(x))
+        mine = ours.reconstruct(x)
+    agree = torch.ones(256, dtype=torch.bool)
+    xn = ours.normalize_input(x)
+    for i in range(LAYERS):
+        pre = (xn[:, i * D:(i + 1) * D].double() @ ours.encoder_weight[i * 48:(i + 1) * 48].double().T
+               + ours.encoder_bias[i * 48:(i + 1) * 48].double())
+        agree &= assert_same_topk(out.indices[:, 4 * i:4 * (i + 1)] - 48 * i, pre, 4)
+        dense = torch.zeros(256, 48).scatter(1, out.indices[:, 4 * i:4 * (i + 1)] - 48 * i, out.values[:, 4 * i:4 * (i + 1)])
+        err = (theirs_codes[i][agree] - dense[agree]).abs().max() / dense[agree].abs().max()
+        assert err <= 1e-5, (i, err)
+    assert agree.float().mean() > 0.9
+    rel = ((theirs[agree] - mine[agree]).abs().max() / mine[agree].abs().max()).item()
+    assert rel <= 1e-5, rel
+    reloaded = export.load_exported(folder)  # our own loader of the same files
+    torch.testing.assert_close(reloaded.reconstruct(x)[agree], mine[agree], rtol=1e-5, atol=1e-5 * mine.abs().max().item())
+
+
+def test_export_from_a_checkpoint_writes_the_clt_layout(runs, tmp_path):
+    (folder,) = export.export_checkpoint(runs / "stopped", out=tmp_path / "exp")
+    assert sorted(p.name for p in folder.glob("W_dec_*.safetensors")) == [f"W_dec_{i}.safetensors" for i in range(LAYERS)]
+    assert json.loads((folder / "cfg.json").read_text())["layers"] == list(range(LAYERS))
+
+
+def test_resid_mid_is_the_stream_between_attention_and_mlp():
+    from framework import hooks  # noqa: PLC0415
+    from framework.config import ModelConfig  # noqa: PLC0415
+    from framework.llm import load_frozen  # noqa: PLC0415
+
+    model, _ = load_frozen(ModelConfig(name="tiny-gpt2", device="cpu"))
+    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(0))
+    specs = [hooks.parse_site(f"blocks.2.{k}") for k in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")]
+    with hooks.capture(model, specs, stop_early=False) as acts, torch.no_grad():
+        model(input_ids=ids)
+    a = {s.kind: acts[s.name] for s in specs}
+    torch.testing.assert_close(a["resid_mid"], a["resid_pre"] + a["attn_out"])
+    torch.testing.assert_close(a["resid_post"], a["resid_mid"] + a["mlp_out"])
