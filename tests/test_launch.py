@@ -4,6 +4,7 @@ the config presets in configs/ loading offline."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shlex
@@ -16,10 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from framework.config import load_config
 from framework.preemption import PREEMPTED_EXIT_CODE
+from framework.studies import STUDY_COMMANDS
+from framework.study_config import load_study_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -172,7 +176,12 @@ def test_every_preset_validates_offline(text_dir, monkeypatch):
     presets = sorted((ROOT / "configs").glob("*.yaml"))
     assert {"debug.yaml", "smollm2_main.yaml", "gpt2_small.yaml", "pythia_160m.yaml", "pythia_410m.yaml",
             "llama3_8b_all_layers.yaml"} <= {p.name for p in presets}
+    studies = {"circuits": "circuits", "supervised": "evaluate-supervised"}  # preset name prefix -> command
     for path in presets:
+        if "saes" not in yaml.safe_load(path.read_text()):  # a study's config (framework/studies.py)
+            study = STUDY_COMMANDS[studies[path.name.split("_")[0]]]
+            load_study_config(getattr(importlib.import_module(study.module), study.config_class), path)
+            continue
         overrides = []
         raw = load_config_paths(path)
         if any(p.startswith("/") and not Path(p).exists() for p in raw):
