@@ -103,6 +103,11 @@ def validate(cfg: RunConfig) -> None:
     check_choice(cfg.train.optimizer, optim.OPTIMIZERS, "train.optimizer")
     check_choice(cfg.dist.strategy, engine.STRATEGIES, "dist.strategy")
     check_choice(cfg.dist.sae_placement, {"replicated", "layer"}, "dist.sae_placement")
+    check(cfg.data.prefetch_batches >= 0, "data.prefetch_batches: must be >= 0 (0 = no producer thread)")
+    check(not cfg.data.prefetch_batches or (cfg.dist.sae_placement == "replicated" and not cfg.model.shard),
+          "data.prefetch_batches: the producer thread cannot run collectives beside the SAE steps' "
+          f"(dist.sae_placement=layer routes batches between ranks, model.shard=zero3 gathers the LLM); "
+          f"got sae_placement={cfg.dist.sae_placement}, model.shard={cfg.model.shard or 'none'}: use 0")
     check(cfg.dist.sae_placement != "layer" or not cfg.dist.strategy.startswith("zero"),
            "dist.strategy: ZeRO shards an SAE over the ranks that train it, but with dist.sae_placement=layer "
            "each SAE is trained whole by one rank; use dist.strategy: ddp there")

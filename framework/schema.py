@@ -59,6 +59,9 @@ class DataConfig:
     shuffle_rows: bool = True  # source=store: visit each shard's rows in a seeded random order
     positions: str = "all"  # source=images: tokens that reach the SAEs: all | cls | patches
     image_field: str = "image"  # source=images, hub dataset: the column holding the images
+    # batches of activations a thread produces ahead of the SAE steps (the LLM forward overlaps
+    # them; same results as 0 = in the loop's thread); framework/train_stream.py
+    prefetch_batches: int = 0
 
 
 @dataclass

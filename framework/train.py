@@ -24,6 +24,7 @@ from framework.preemption import Preempted, PreemptionFlag
 from framework.rng import RNGState, seed_everything
 from framework.run_lock import RunLock
 from framework.sae_trainer import SAETrainer, total_steps_for
+from framework.train_stream import TrainStream
 from framework.schema import RunConfig
 from framework.stateful import Saved, State, StateDict
 
@@ -77,13 +78,14 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
                           cfg.train.seed + engine.dp_rank, engine.device)
     progress = Progress([s.name for s in cfg.saes], engine.world, engine.is_main)
     logger = RunLogger(run_dir, cfg.log, cfg.train.total_tokens, engine.is_main)
-    components = {"state": progress, "source": source, "buffer": buffer, "rng": RNGState(), "logger": logger,
+    train_stream = TrainStream(source, p.source, cfg.data.prefetch_batches)  # stands in for the source's state
+    components = {"state": progress, "source": train_stream, "buffer": buffer, "rng": RNGState(), "logger": logger,
                   **trainers}
     ckpt = CheckpointManager(run_dir / "checkpoints", cfg, engine, components, cfg.dist.sae_placement)
     resumed = ckpt.resume(cfg.train.resume)  # every component restores itself
     if engine.is_main:  # only now: a refused resume leaves the run directory as it was
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    stream = p.source.batches("train")  # continues at the restored position
+    stream = train_stream.batches()  # continues at the restored position
     if not resumed:  # fresh: normalisation and b_dec from the first tokens, which then train too
         init = placement.take_tokens(stream, max(1, cfg.train.init_tokens // p.share))
         placement.init_saes(trainers, init, broadcast=p.share > 1)
@@ -99,22 +101,26 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
         if ckpt.due(progress.step):
             ckpt.save(progress.step, progress.tokens)
         if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
-            metrics = run_eval(cfg, p, source, trainers, logger, progress.step)["metrics"]
+            with train_stream.paused():  # the model is evaluation's meanwhile
+                metrics = run_eval(cfg, p, source, trainers, logger, progress.step)["metrics"]
             progress.last_eval = {"step": progress.step, "metrics": _gather_dicts(metrics, engine, p.each_rank_writes)}
         if progress.tokens >= cfg.train.total_tokens:
             break
         if preemption.should_stop(engine):
             ckpt.save(progress.step, progress.tokens)
+            train_stream.close()
             logger.close()
             engine.close()
             raise Preempted(f"stopped by signal {preemption.signal} at step {progress.step}; checkpoint saved in "
                             f"{ckpt.root}")
     train_seconds = logger.elapsed()
+    train_stream.close()
     ckpt.save(progress.step, progress.tokens)
 
     result = run_eval(cfg, p, source, trainers, logger, progress.step)
     export_all(cfg, run_dir, trainers, result["stats"], progress.tokens)
     logger.close()
+    tokens_per_s = (progress.tokens - logger.start_tokens) / max(train_seconds, 1e-9)
     summary = {
         "tokens": progress.tokens,
         "steps": progress.step,
@@ -123,8 +129,9 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
         "sae_placement": cfg.dist.sae_placement,
         "latent_shards": engine.latent_shards,
         "train_seconds": round(train_seconds, 2),
-        "tokens_per_s": round((progress.tokens - logger.start_tokens) / max(train_seconds, 1e-9), 1),
-        **_skip_counts(source, engine),
+        "tokens_per_s": round(tokens_per_s, 1),
+        **_activation_rate(train_stream, engine, tokens_per_s),
+        **_skip_counts(train_stream.skipped(), engine),
         "saes": _gather_dicts(result["metrics"], engine, p.each_rank_writes),
     }
     summary["saes"] = {s.name: summary["saes"][s.name] for s in cfg.saes}
@@ -165,11 +172,21 @@ def _gather_dicts(d: dict, engine: Engine, needed: bool) -> dict:
     return {k: v for part in parts for k, v in part.items()}
 
 
-def _skip_counts(source, engine: Engine) -> dict:
+def _activation_rate(train_stream: TrainStream, engine: Engine, tokens_per_s: float) -> dict:
+    """How fast activations came (tokenise + LLM forward to the last hook + cleaning, in the
+    loop's thread or the producer's), summed over the data-parallel ranks, and the training
+    rate's share of it (1 = the SAE steps cost nothing beside the LLM)."""
+    rate = engine.data_reduce_(torch.tensor([train_stream.produced_rows / max(train_stream.produce_seconds, 1e-9)],
+                                            dtype=torch.float64, device=engine.device)).item()
+    return {"activation_tokens_per_s": round(rate, 1), "train_vs_activation_rate": round(tokens_per_s / rate, 3)
+            if rate > 0 else 0.0, "prefetch_batches": train_stream.depth}
+
+
+def _skip_counts(skipped: dict[str, dict[str, int]], engine: Engine) -> dict:
     """Rows no SAE saw, per reason and split (train: the stream; eval: the last pass over the
     held-out rows), summed over the data-parallel ranks."""
-    splits = sorted(source.skipped)
-    counts = torch.tensor([source.skipped[sp][r] for sp in splits for r in SKIP_REASONS], device=engine.device)
+    splits = sorted(skipped)
+    counts = torch.tensor([skipped[sp][r] for sp in splits for r in SKIP_REASONS], device=engine.device)
     counts = engine.data_reduce_(counts).view(len(splits), len(SKIP_REASONS)).tolist()
     per_reason = {r: {sp: int(counts[i][j]) for i, sp in enumerate(splits)} for j, r in enumerate(SKIP_REASONS)}
     return {"nonfinite_tokens_skipped": per_reason["nonfinite"], "outlier_tokens_dropped": per_reason["outlier"],
