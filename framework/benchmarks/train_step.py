@@ -61,21 +61,26 @@ def smollm2_rows(rows: int) -> torch.Tensor:
     return torch.cat(parts)[:rows]
 
 
-def make_trainer(kind: str, d: int, n: int, k: int, batch: int, sample: torch.Tensor, dead_frac: float) -> SAETrainer:
+def make_trainer(kind: str, d: int, n: int, k: int, batch: int, sample: torch.Tensor) -> SAETrainer:
     sae_cfg = SAEConfig(name="sae", kind=kind, n_latents=n, k=k)
     train_cfg = TrainConfig(total_tokens=10**9, batch_size=batch)
     tr = SAETrainer(sae_cfg, train_cfg, "x", "x", {"x": d}, 10**6, torch.device("cpu"), seed=0)
     tr.init_from_sample(sample, sample)
-    dead = torch.rand(n, generator=torch.Generator().manual_seed(2)) < dead_frac
-    tr.tokens_since_fired[dead] = sae_cfg.dead_after_tokens  # as after a long run: AuxK has work
     return tr
 
 
-def phase_fns(tr: SAETrainer, x: torch.Tensor, k: int) -> dict:
-    """One callable per nested phase of the step (ROWS order), on the same batch."""
+def phase_fns(tr: SAETrainer, x: torch.Tensor, k: int, dead_frac: float) -> dict:
+    """One callable per nested phase of the step (ROWS order), on the same batch. The same
+    latents are dead before every call (a step revives those that fire), as in a long run."""
     runner, sae = tr.runner, tr.sae
     w = sae.encoder_weight.detach()
-    dead_ids = tr.dead_mask().nonzero().squeeze(1)
+    dead = torch.rand(tr.cfg.n_latents, generator=torch.Generator().manual_seed(2)) < dead_frac
+    dead_ids = dead.nonzero().squeeze(1)
+
+    def step():
+        tr.tokens_since_fired.zero_()
+        tr.tokens_since_fired[dead] = tr.cfg.dead_after_tokens
+        tr.step(x, x)
 
     def encode():
         with torch.no_grad():
@@ -91,7 +96,7 @@ def phase_fns(tr: SAETrainer, x: torch.Tensor, k: int) -> dict:
         runner.backward(loss)
 
     return {ROWS[0]: lambda: x @ w.T, ROWS[1]: encode, ROWS[2]: forward, ROWS[3]: backward,
-            ROWS[4]: lambda: tr.step(x, x)}
+            ROWS[4]: step}
 
 
 def time_phases(fns: dict, rounds: int) -> dict[str, float]:
@@ -117,10 +122,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}"
 
 
-def competitor(args) -> subprocess.Popen:
-    """The same benchmark, repeating its steps until killed, on the same cores."""
+def competitor(args, d: int, n: int) -> subprocess.Popen:
+    """The same steps (on synthetic rows of the same width), repeated until killed, on the same cores."""
     cmd = [sys.executable, "-m", "framework.benchmarks.train_step", "--compete", "--kind", args.kind,
-           "--d", str(args.d), "--n", str(args.n[0]), "--k", str(args.k), "--batch", str(args.batch)]
+           "--d", str(d), "--n", str(n), "--k", str(args.k), "--batch", str(args.batch),
+           "--dead-frac", str(args.dead_frac)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready", "the competing process did not start"
     return proc
@@ -148,10 +154,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     d = rows.shape[1]
     x = rows[: args.batch].contiguous()
     if args.compete:
-        tr = make_trainer(args.kind, d, args.n[0], args.k, args.batch, rows, args.dead_frac)
+        step = phase_fns(make_trainer(args.kind, d, args.n[0], args.k, args.batch, rows), x, args.k,
+                         args.dead_frac)[ROWS[4]]
         print("ready", flush=True)
         while True:
-            tr.step(x, x)
+            step()
     default_threads = torch.get_num_threads()
     print(f"machine: {machine()}; default threads {default_threads}")
     print(f"kind={args.kind} data={args.data} d={d} k={args.k} B={args.batch} dead={args.dead_frac:.0%}, "
@@ -160,10 +167,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for n in args.n:
         for setting in args.settings.split(","):
             torch.set_num_threads(1 if setting == "1" else default_threads)
-            tr = make_trainer(args.kind, d, n, args.k, args.batch, rows, args.dead_frac)
-            other = competitor(args) if setting == "oversubscribed" else None
+            tr = make_trainer(args.kind, d, n, args.k, args.batch, rows)
+            other = competitor(args, d, n) if setting == "oversubscribed" else None
             try:
-                times = time_phases(phase_fns(tr, x, args.k), args.rounds)
+                times = time_phases(phase_fns(tr, x, args.k, args.dead_frac), args.rounds)
             finally:
                 if other is not None:
                     other.kill()
