@@ -4,6 +4,10 @@ held-out activations so that each latent fires on as many of them as it does in 
 threshold is its (c_j + 1)-th largest pre-activation, c_j its firing count). The error of the
 approximation against our function is measured on other held-out tokens and written into the
 folder's metadata, because it depends on the data: it is not a bound.
+
+AbsTopK codes can be negative, which no JumpReLU outputs: its approximation has 2n latents,
+latent j and its mirror n + j (encoder, bias and decoder negated), calibrated on the positive and
+the negative codes of j respectively.
 """
 
 from __future__ import annotations
@@ -22,24 +26,32 @@ METHOD = "per-latent thresholds: the (c_j+1)-th largest pre-activation of latent
 LATENT_CHUNK = 1024  # latents sorted at a time (tokens x chunk floats)
 
 
+def _signs(sae: TopKSAE) -> tuple[int, ...]:
+    """The approximation's latent blocks: j (positive codes), and for AbsTopK j's mirror (negative)."""
+    return (1, -1) if sae.use_abs else (1,)
+
+
 def pre_activations(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
-    """Dense [B, n] pre-activations of an SAE loaded in raw units (framework.export.load_exported)."""
-    return torch.addmm(sae.encoder_bias, x - sae.input_offset(), sae.encoder_weight.T)
+    """Dense [B, n * len(signs)] pre-activations of the approximation's latents (raw units)."""
+    pre = torch.addmm(sae.encoder_bias, x - sae.input_offset(), sae.encoder_weight.T)
+    return torch.cat([sign * pre for sign in _signs(sae)], 1)
 
 
 @torch.no_grad()
 def firing_counts(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
+    """Per approximation latent, on how many rows of `x` ours has a code of that latent's sign."""
     out = sae.eval()(x)
-    return torch.bincount(out.indices[out.values != 0], minlength=sae.n_latents)
+    return torch.cat([torch.bincount(out.indices[out.values * sign > 0], minlength=sae.n_latents)
+                      for sign in _signs(sae)])
 
 
 @torch.no_grad()
 def calibrated_thresholds(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
-    """[n] thresholds with which latent j fires (pre > theta_j) on as many rows of `x` as in ours."""
+    """Thresholds with which each latent fires (pre > theta_j) on as many rows of `x` as in ours."""
     counts = firing_counts(sae, x).clamp(max=x.shape[0] - 1)
     pre = pre_activations(sae, x)
-    theta = torch.empty(sae.n_latents)
-    for start in range(0, sae.n_latents, LATENT_CHUNK):
+    theta = torch.empty(pre.shape[1])
+    for start in range(0, pre.shape[1], LATENT_CHUNK):
         cols = pre[:, start:start + LATENT_CHUNK].sort(0, descending=True).values
         theta[start:start + LATENT_CHUNK] = cols.gather(0, counts[None, start:start + LATENT_CHUNK]).squeeze(0)
     return theta.clamp_min(1e-12)  # SAELens' JumpReLU also applies a ReLU: a threshold below 0 acts as 0
@@ -47,11 +59,13 @@ def calibrated_thresholds(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
 
 def jumprelu_like(sae: TopKSAE, theta: torch.Tensor) -> TopKSAE:
     """A sparsemill JumpReLU module with `sae`'s weights (raw units) and thresholds `theta`."""
-    jr = build_sae("jumprelu", sae.d_in, sae.n_latents, sae.k, d_out=sae.d_out if sae.is_transcoder else None,
-                   skip_connection=sae.has_skip)
+    signs = _signs(sae)
+    jr = build_sae("jumprelu", sae.d_in, sae.n_latents * len(signs), sae.k,
+                   d_out=sae.d_out if sae.is_transcoder else None, skip_connection=sae.has_skip)
     with torch.no_grad():
-        for name in ("encoder_weight", "encoder_bias", "decoder_weight", "b_dec"):
-            getattr(jr, name).copy_(getattr(sae, name))
+        for name in ("encoder_weight", "encoder_bias", "decoder_weight"):
+            getattr(jr, name).copy_(torch.cat([sign * getattr(sae, name) for sign in signs]))
+        jr.b_dec.copy_(sae.b_dec)
         if sae.has_skip:
             jr.skip.weight.copy_(sae.skip.weight)
         jr.load_export_extra({"threshold": theta})

@@ -25,7 +25,7 @@ ROLES = ("sae", "transcoder", "skip_transcoder")
 EXTRA_OPTIONS = {"matryoshka": [{"selection": "batchtopk"}], "mpsae": [{"stop_residual": 0.3}]}
 # approximations: the stated bounds on the FVU of SAELens' output against ours on held-out rows
 # (measured values in README.md; a bound about 2x the measured error leaves room for the data)
-APPROX_BOUND = {"topk": 0.6, "abstopk": 0.9, "top_afa": 0.6, "matching_pursuit": 0.3}
+APPROX_BOUND = {"topk": 0.7, "abstopk": 0.7, "top_afa": 0.9, "matching_pursuit": 0.01}
 
 CASES = [(kind, role, opts) for kind in sorted(SAE_KINDS) for opts in [{}] + EXTRA_OPTIONS.get(kind, [])
          for role in ROLES if role == "sae" or getattr(SAE_KINDS[kind], "supports_transcoder", True)]
@@ -122,7 +122,7 @@ def test_saelens_computes_our_function(tmp_path, kind, role, options):
         ref = x_hat.double()
         fvu = float((fwd.double() - ref).pow(2).sum() / (ref - ref.mean(0)).pow(2).sum())
         print(f"\n{kind}/{role}{options or ''}: {json.loads((approx_folder / 'cfg.json').read_text())['architecture']} "
-              f"approximation FVU vs ours {fvu:.4f} (calibrate measured {measured and measured['relative_error']})")
+              f"approximation FVU vs ours {fvu:.3g} (calibrate measured {measured and measured['relative_error']})")
         assert fvu <= APPROX_BOUND[bound_key]
         if measured is not None:
             assert measured["relative_error"] <= APPROX_BOUND[bound_key]
@@ -130,8 +130,10 @@ def test_saelens_computes_our_function(tmp_path, kind, role, options):
     assert theirs.cfg.architecture() == arch
     stable = _stable_rows(theirs, x, arch, tr.sae.k)
     assert stable.float().mean() >= 0.5, f"only {int(stable.sum())} rows away from ties"
-    errors = {"encode": _row_rel(acts, codes), "decode": _row_rel(recon, x_hat), "forward": _row_rel(fwd, x_hat)}
-    worst = {name: float(e[stable].max()) for name, e in errors.items()}
+    # SAELens' decode leaves the skip out (its forward adds it); ours runs inside the forward
+    skip = x @ theirs.W_skip.T if tr.sae.has_skip else 0.0
+    errors = {"encode": _row_rel(acts, codes), "decode": _row_rel(recon + skip, x_hat), "forward": _row_rel(fwd, x_hat)}
+    worst = {name: float(e[stable].detach().max()) for name, e in errors.items()}
     print(f"\n{kind}/{role}{options or ''}: {arch} exact, max relative error {worst}")
     assert max(worst.values()) <= EXACT, worst
 

@@ -436,9 +436,9 @@ EXPORT_CASES = [
     ("batchtopk", None, {}, "jumprelu"), ("batchtopk", 5, {}, "jumprelu_transcoder"),
     ("mutual_choice", None, {"aux_zipf_coef": 0.1}, "jumprelu"), ("feature_choice", None, {}, "jumprelu"),
     ("feature_choice", 5, {"capacity": "zipf"}, "jumprelu_transcoder"), ("topafa", None, {}, "top_afa"),
-    ("gsae", None, {}, "topk"), ("gsae", 5, {}, "topk"), ("mpsae", None, {"stop_residual": 0.3}, "matching_pursuit"),
-    ("matryoshka", None, {"selection": "batchtopk"}, "jumprelu"), ("matryoshka", 5, {}, "topk"),
-    ("vtopk", None, {}, "topk"), ("vtopk", 5, {}, "topk"),
+    ("gsae", None, {}, "topk"), ("gsae", 5, {}, "topk_transcoder"), ("mpsae", None, {"stop_residual": 0.3}, "matching_pursuit"),
+    ("matryoshka", None, {"selection": "batchtopk"}, "jumprelu"), ("matryoshka", 5, {}, "topk_transcoder"),
+    ("vtopk", None, {}, "topk"), ("vtopk", 5, {}, "topk_transcoder"),
 ]
 
 
