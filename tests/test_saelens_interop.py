@@ -31,12 +31,7 @@ CASES = [(kind, role, opts) for kind in sorted(SAE_KINDS) for opts in [{}] + EXT
          for role in ROLES if role == "sae" or getattr(SAE_KINDS[kind], "supports_transcoder", True)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed: int, role: str):

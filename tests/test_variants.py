@@ -22,13 +22,7 @@ from framework.variants.vtopk import gaussian_kl
 D, N, K, B = 6, 24, 3, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are tiny: one thread avoids oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sae(kind, d=D, n=N, k=K, d_out=None, **options):
