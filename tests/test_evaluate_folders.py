@@ -91,3 +91,12 @@ def test_help_lists_every_subcommand_with_an_example(capsys):
     out = capsys.readouterr().out
     for name, example in EXAMPLES.items():
         assert name in out and example in out
+
+
+def test_evaluate_names_a_folder_it_cannot_use(tmp_path, text_dir, capsys):
+    cfg = str(_config(tmp_path, text_dir))
+    assert main(["evaluate", cfg, "--sae", str(tmp_path / "nowhere")]) == 2
+    assert "missing cfg.json" in capsys.readouterr().err
+    folder = export.export_sae(build_sae("topk", D, 8, 2), tmp_path / "nohook", "topk", {})
+    assert main(["evaluate", cfg, "--sae", str(folder)]) == 2
+    assert "metadata.hook_name is empty" in capsys.readouterr().err
