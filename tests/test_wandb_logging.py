@@ -92,3 +92,12 @@ def test_wandb_is_not_imported_when_off(tmp_path):
             "lg.begin(0); lg.scalar('a', 1.0, 1); lg.close(); assert 'wandb' not in sys.modules, 'imported'")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_a_wrong_wandb_mode_is_a_config_error():
+    from framework.config import ConfigError, load_config  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match="log.wandb.mode: 'ofline'"):
+        load_config(None, ["log.wandb.project=x", "log.wandb.mode=ofline"])
+    with pytest.raises(ConfigError, match="unknown config key 'log.wandb.projet'"):
+        load_config(None, ["log.wandb.projet=x"])
