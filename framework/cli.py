@@ -1,7 +1,9 @@
 """Command line: `sparsemill train CONFIG.yaml [dotted.key=value ...]`, `sparsemill cache CONFIG.yaml [...]`
-(an activation store, framework/store.py), `sparsemill export RUN_DIR`,
-`sparsemill inspect RUN_DIR`, `sparsemill circuit-tracer EXPORT_FOLDER... --out DIR`, and the study commands
-of framework/studies.py (`sparsemill circuits CONFIG`, `sparsemill evaluate-supervised CONFIG`)."""
+(an activation store, framework/store.py), `sparsemill export RUN_DIR`, `sparsemill inspect RUN_DIR`,
+`sparsemill evaluate CONFIG --sae FOLDER...`, `sparsemill calibrate CONFIG --sae FOLDER...`,
+`sparsemill circuit-tracer EXPORT_FOLDER... --out DIR`, and the study commands of framework/studies.py
+(`sparsemill circuits CONFIG`, `sparsemill evaluate-supervised CONFIG`). Every subcommand has an example
+in EXAMPLES, which `sparsemill --help` lists."""
 
 from __future__ import annotations
 
@@ -26,6 +28,25 @@ Every key (section.key: type = default):
 """
 
 
+# subcommand -> an example invocation (`sparsemill --help` lists them all; a test checks none is missing)
+EXAMPLES = {
+    "train": "sparsemill train configs/debug.yaml saes.0.k=64 --run-dir runs/x",
+    "cache": "sparsemill cache configs/debug.yaml data.store_dir=stores/debug",
+    "export": "sparsemill export runs/x --checkpoint step_00001000",
+    "inspect": "sparsemill inspect runs/x --json",
+    "evaluate": "sparsemill evaluate configs/debug.yaml --sae runs/x/export/resid path/to/saelens_folder",
+    "calibrate": "sparsemill calibrate configs/debug.yaml --sae runs/x/export/tc --out runs/x/export_jumprelu",
+    "circuit-tracer": "sparsemill circuit-tracer runs/x/export/tc0 runs/x/export/tc1 --out transcoders/x",
+    "circuits": "sparsemill circuits configs/circuits_ioi_smollm2.yaml",
+    "evaluate-supervised": "sparsemill evaluate-supervised configs/supervised_ioi_smollm2.yaml",
+}
+
+
+def _examples() -> str:
+    width = max(map(len, EXAMPLES))
+    return "examples:\n" + "\n".join(f"  {name.ljust(width)}  {cmd}" for name, cmd in EXAMPLES.items())
+
+
 def _describe(cls, prefix: str = "") -> list[str]:
     lines = []
     hints = typing.get_type_hints(cls)
@@ -46,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sparsemill",
         description="Train TopK sparse autoencoders and transcoders on activations of a frozen language model.",
+        epilog=_examples(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -96,13 +118,30 @@ def main(argv: list[str] | None = None) -> int:
     p_cache.add_argument("config", help="YAML config file (see configs/)")
     p_cache.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. data.store_dir=stores/x")
     p_cache.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    for name, help_, description in (
+            ("evaluate", "evaluate SAELens-format folders (ours or SAELens') with our metrics",
+             "Evaluate SAELens-format folders (written by sparsemill or by SAELens' save_model) on the config's model "
+             "and held-out data: FVU (eval-set mean), L0, dead/dense fractions, and with an LLM delta CE, KL and CE "
+             "recovered (eval.* keys set the token counts). Folders SAELens can load are evaluated through SAELens. "
+             "Prints a table; writes RUN_DIR/evaluate.json (run_dir from the config)."),
+            ("calibrate", "write the closest SAELens option for exports SAELens cannot load",
+             "For sparsemill exports no SAELens architecture computes (TopK/AbsTopK transcoders, top-AFA), write a "
+             "SAELens JumpReLU folder with per-latent thresholds calibrated on eval.tokens held-out tokens of the "
+             "config's data, and report its measured error (FVU against ours) in cfg.json metadata.")):
+        p_folder = sub.add_parser(name, help=help_, description=description, parents=[common])
+        p_folder.add_argument("config", help="YAML config file: model and data (its saes are ignored)")
+        p_folder.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. eval.tokens=4096")
+        p_folder.add_argument("--sae", nargs="+", required=True, metavar="FOLDER", help="SAELens-format folders")
+        p_folder.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+        if name == "calibrate":
+            p_folder.add_argument("--out", help="output parent folder (default: beside each, <name>_jumprelu)")
     for name, study in STUDY_COMMANDS.items():
         p_study = sub.add_parser(name, help=study.help, description=study.description, parents=[common])
         p_study.add_argument("config", help="YAML config file (see configs/)")
         p_study.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
-    if unknown or (extra and args.command not in ("train", "cache", *STUDY_COMMANDS)):
+    if unknown or (extra and args.command not in ("train", "cache", "evaluate", "calibrate", *STUDY_COMMANDS)):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet or args.command not in ("train", "cache") else logging.INFO,
@@ -144,6 +183,10 @@ def _train_command(args, extra: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
         print(f"run directory: {cfg.run_dir}")
+        for s in cfg.saes:
+            print(f"exported {s.name}: {os.path.join(cfg.run_dir, 'export', s.name)}")
+        if cfg.log.tensorboard:
+            print(f"TensorBoard: tensorboard --logdir {os.path.join(cfg.run_dir, 'tensorboard')}")
     return 0
 
 
@@ -181,12 +224,34 @@ def _circuit_tracer_command(args, extra: list[str]) -> int:
     return 0
 
 
+def _folders_command(args, extra: list[str]) -> int:
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from framework.config import load_config  # noqa: PLC0415
+
+    cfg = load_config(args.config, list(args.overrides) + extra)
+    from framework import folders  # noqa: PLC0415  (torch, the model)
+
+    if args.command == "calibrate":
+        result = folders.calibrate_folders(cfg, args.sae, args.out)
+        keys = ("relative_error", "l0_original", "l0_approximation")
+    else:
+        result = folders.evaluate_folders(cfg, args.sae)
+        keys = ("fvu", "l0", "dead_frac", "dense_frac", "delta_ce", "kl", "ce_recovered")
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "evaluate.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if args.json else folders.format_table(result, keys))
+    return 0
+
+
 def _study_command(args, extra: list[str]) -> int:
     return STUDY_COMMANDS[args.command].run(args.config, list(args.overrides) + extra)
 
 
-COMMANDS = {"train": _train_command, "cache": _cache_command, "export": _checkpoint_command, "inspect": _checkpoint_command,
-            "circuit-tracer": _circuit_tracer_command, **dict.fromkeys(STUDY_COMMANDS, _study_command)}
+COMMANDS = {"train": _train_command, "cache": _cache_command, "export": _checkpoint_command,
+            "inspect": _checkpoint_command, "circuit-tracer": _circuit_tracer_command, "evaluate": _folders_command,
+            "calibrate": _folders_command, **dict.fromkeys(STUDY_COMMANDS, _study_command)}
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ def validate(cfg: RunConfig) -> None:
            "inside a node)")
     check(not cfg.model.shard or cfg.data.source == "text", "model.shard: data.source=activations runs no LLM")
     check_choice(cfg.train.autocast, {"none", "bfloat16"}, "train.autocast")
+    check_choice(cfg.log.wandb.mode, {"online", "offline", "disabled"}, "log.wandb.mode")
     check_choice(cfg.data.source, {"text", "activations", "images", "store"}, "data.source")
     check_choice(cfg.data.separator, {"eos", "bos", "none"}, "data.separator")
     check_choice(cfg.train.optimizer, optim.OPTIMIZERS, "train.optimizer")

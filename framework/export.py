@@ -9,10 +9,12 @@ activations to raw reconstructions with unit-norm decoder rows:
 pre-activation; the codes shrink by it and the reconstruction with them.) A skip connection
 folds as W_skip' = W_skip * input_scale / output_scale, a threshold as threshold / output_scale.
 
-Transcoders export under the SAELens architecture that computes the same function
-(`saelens_architecture`); where SAELens 6.54 has none (e.g. TopK + skip) the name is
-sparsemill's own, so SAELens refuses the folder instead of loading another function, and
-`load_exported` reads it. `export_circuit_tracer` writes circuit-tracer's transcoder-set
+Every kind and role (SAE, transcoder, skip transcoder) exports under the SAELens architecture
+that computes the same function (`SAELENS_ARCHITECTURES`); where SAELens 6.54 has none (a TopK
+transcoder, top-AFA) the name is sparsemill's own (`topk_transcoder`, ...), so SAELens refuses the
+folder instead of loading another function, cfg.json's metadata says so (`saelens_exact`,
+`saelens_note`), `load_exported` reads it and framework/calibrate.py writes the closest SAELens
+option. `export_circuit_tracer` writes circuit-tracer's transcoder-set
 layout (one `layer_<L>.safetensors` per layer + `config.yaml`) from such folders.
 """
 
@@ -39,22 +41,37 @@ SAELENS_VERSION = "6.0.0"
 WEIGHTS_FILE, CONFIG_FILE, SPARSITY_FILE = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
 
 
-# (a kind's export_architecture, has a skip connection) -> a transcoder's SAELens 6.54 architecture,
-# where one computes the same function (SAELens' transcoder / skip_transcoder are ReLU: no kind here)
-TRANSCODER_ARCHITECTURES = {
-    ("jumprelu", False): "jumprelu_transcoder",
-    ("jumprelu", True): "jumprelu_skip_transcoder",
+# (a kind's export_architecture, role) -> the SAELens 6.54 architecture computing the same
+# function; role: "sae" | "transcoder" | "skip_transcoder". SAELens' transcoder / skip_transcoder
+# are ReLU transcoders (no k) and it has no TopK transcoder: those roles have no entry.
+SAELENS_ARCHITECTURES = {
+    ("topk", "sae"): "topk",
+    ("abstopk", "sae"): "abstopk",
+    ("jumprelu", "sae"): "jumprelu",
+    ("jumprelu", "transcoder"): "jumprelu_transcoder",
+    ("jumprelu", "skip_transcoder"): "jumprelu_skip_transcoder",
+    ("matching_pursuit", "sae"): "matching_pursuit",
 }
+NO_SAELENS_NOTE = ("no SAELens 6.54 architecture computes this function; SAELens refuses the folder and "
+                   "framework.export.load_exported reads it. `sparsemill calibrate` writes the closest SAELens "
+                   "option (JumpReLU with per-latent thresholds calibrated on held-out activations) and measures "
+                   "its error")
 
 
-def saelens_architecture(sae: TopKSAE) -> str:
-    """cfg.json's architecture. SAEs keep the kind's; transcoders without a SAELens match keep it
-    too (SAELens then loads them only when d_out = d_in), with `_skip_transcoder` appended for a
-    skip connection (a name SAELens does not know: it must not drop W_skip silently)."""
-    if not sae.is_transcoder:
-        return sae.export_architecture
-    key = (sae.export_architecture, sae.has_skip)
-    return TRANSCODER_ARCHITECTURES.get(key, sae.export_architecture + ("_skip_transcoder" if sae.has_skip else ""))
+def export_role(sae: TopKSAE) -> str:
+    return "sae" if not sae.is_transcoder else ("skip_transcoder" if sae.has_skip else "transcoder")
+
+
+def saelens_architecture(sae: TopKSAE) -> str | None:
+    """The SAELens architecture computing `sae`'s inference function, or None."""
+    return SAELENS_ARCHITECTURES.get((sae.export_architecture, export_role(sae)))
+
+
+def export_architecture_name(sae: TopKSAE) -> str:
+    """cfg.json's architecture: SAELens' where one computes the same function, else sparsemill's own
+    name (e.g. `topk_transcoder`), which SAELens refuses instead of loading another function."""
+    role = export_role(sae)
+    return saelens_architecture(sae) or sae.export_architecture + ("" if role == "sae" else f"_{role}")
 
 
 def folded_tensors(sae: TopKSAE) -> dict[str, torch.Tensor]:
@@ -63,9 +80,10 @@ def folded_tensors(sae: TopKSAE) -> dict[str, torch.Tensor]:
     extra = {k: v.detach().float().cpu().contiguous() for k, v in sae.export_extra(s_in, s_out).items()}
     if sae.has_skip:
         extra["W_skip"] = (sae.skip.weight.detach() * (s_in / s_out)).float().cpu().contiguous()
+    if sae.export_encoder:
+        extra["W_enc"] = (sae.encoder_weight.detach() * (s_in / s_out)).T.contiguous().float().cpu()
+        extra["b_enc"] = (sae.encoder_bias.detach() / s_out).float().cpu()
     return extra | {
-        "W_enc": (sae.encoder_weight.detach() * (s_in / s_out)).T.contiguous().float().cpu(),
-        "b_enc": (sae.encoder_bias.detach() / s_out).float().cpu(),
         "W_dec": (w / w.norm(dim=1, keepdim=True)).contiguous().float().cpu(),
         "b_dec": (sae.b_dec.detach() / s_out).float().cpu(),
     }
@@ -89,8 +107,9 @@ def export_saelens(sae: TopKSAE, folder: Path, kind: str, metadata: dict,
     durable.write_file(tmp / WEIGHTS_FILE, save(folded_tensors(sae)))
     if log10_density is not None:
         durable.write_file(tmp / SPARSITY_FILE, save({"sparsity": log10_density.float().cpu().contiguous()}))
+    caveat = NO_SAELENS_NOTE if saelens_architecture(sae) is None else sae.saelens_caveat()
     cfg = {
-        "architecture": saelens_architecture(sae),
+        "architecture": export_architecture_name(sae),
         "d_in": sae.d_in,
         "d_sae": sae.n_latents,
         "k": sae.k,
@@ -98,9 +117,13 @@ def export_saelens(sae: TopKSAE, folder: Path, kind: str, metadata: dict,
         "device": "cpu",
         "apply_b_dec_to_input": not sae.is_transcoder,
         "normalize_activations": "none",
+        # SAELens reshapes [.., n_heads, d_head] inputs of hook_z SAEs (our rows are the heads concatenated)
+        "reshape_activations": "hook_z" if not sae.is_transcoder and _is_hook_z(metadata) else "none",
+        **sae.export_config(),
         "metadata": {"sae_lens_version": SAELENS_VERSION, "sparsemill_kind": kind,
                      "sparsemill_options": dataclasses.asdict(sae.options),
-                     "sparsemill_skip_connection": sae.has_skip, **metadata},
+                     "sparsemill_skip_connection": sae.has_skip,
+                     "saelens_exact": not caveat, **({"saelens_note": caveat} if caveat else {}), **metadata},
     }
     if sae.is_transcoder:
         cfg["d_out"] = sae.d_out
@@ -111,6 +134,10 @@ def export_saelens(sae: TopKSAE, folder: Path, kind: str, metadata: dict,
 
 def _build_empty(kind: str, d_in: int, n_latents: int, k: int, d_out: int, options: dict):
     return build_sae(kind, d_in, n_latents, k, d_out=d_out, options=options)
+
+
+def _is_hook_z(metadata: dict) -> bool:
+    return str(metadata.get("hook_name") or "").endswith("hook_z")
 
 
 def load_exported(folder: str | Path) -> TopKSAE:
@@ -130,12 +157,13 @@ def load_exported(folder: str | Path) -> TopKSAE:
     cls = with_skip(SAE_KINDS[kind]) if "W_skip" in tensors else SAE_KINDS[kind]
     sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], d_out=d_out,
               options=parse_options(kind, cfg.get("metadata", {}).get("sparsemill_options", {})))
-    expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | set(sae.export_extra(1.0, 1.0)) | ({"W_skip"} if sae.has_skip else set())
+    expected = set(folded_tensors(sae))
     if set(tensors) != expected:
         raise ValueError(f"{folder / WEIGHTS_FILE}: tensors {sorted(tensors)}, expected {sorted(expected)}")
     with torch.no_grad():
-        sae.encoder_weight.copy_(tensors.pop("W_enc").T)
-        sae.encoder_bias.copy_(tensors.pop("b_enc"))
+        if sae.export_encoder:
+            sae.encoder_weight.copy_(tensors.pop("W_enc").T)
+            sae.encoder_bias.copy_(tensors.pop("b_enc"))
         sae.decoder_weight.copy_(tensors.pop("W_dec"))
         sae.b_dec.copy_(tensors.pop("b_dec"))
         if sae.has_skip:

@@ -1,16 +1,72 @@
-"""Progress bar and TensorBoard scalars. Metrics are read from the device only every
-`log.every_steps` steps (one sync), never per step just to log."""
+"""Progress bar, and scalars and density histograms to every enabled sink: TensorBoard, and
+Weights & Biases (`log.wandb.project`; `mode: offline` needs no network). Metrics are read from
+the device only every `log.every_steps` steps (one sync), never per step just to log. A sink's
+library is imported only when it is enabled."""
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 
+from framework.registry import Registry
 from framework.schema import LogConfig
 from framework.stateful import Saved, State, StateDict
 
 log = logging.getLogger("sparsemill")
+
+WANDB_ID_FILE = "wandb_run_id"  # in the run directory: a resumed run continues the same wandb run
+
+
+class TensorBoardSink:
+    def __init__(self, run_dir: Path, cfg: LogConfig, state: dict):
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(tag, value, step)
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        self.writer.add_histogram(tag, values, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """One wandb run per run directory: its id is kept in the logger's checkpointed state and in
+    run_dir/wandb_run_id (a run stopped before its first checkpoint continues it too)."""
+
+    def __init__(self, run_dir: Path, cfg: LogConfig, state: dict):
+        import wandb  # noqa: PLC0415
+
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = state.get("wandb_run_id") or (id_file.read_text().strip() if id_file.is_file() else "")
+        run_id = run_id or secrets.token_hex(4)  # wandb ids: [a-z0-9]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+        state["wandb_run_id"] = run_id
+        w = cfg.wandb
+        self.wandb = wandb
+        self.run = wandb.init(project=w.project, entity=w.entity or None, mode=w.mode, id=run_id, resume="allow",
+                              dir=str(run_dir), name=run_dir.name)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.run.log({tag: value}, step=step)
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        self.run.log({tag: self.wandb.Histogram(values.detach().cpu().numpy())}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+# name -> (enabled by the config?, sink class)
+SINKS: Registry = Registry("log sink")
+SINKS.register("tensorboard")((lambda cfg: cfg.tensorboard, TensorBoardSink))
+SINKS.register("wandb")((lambda cfg: bool(cfg.wandb.project), WandbSink))
 
 
 class RunLogger:
@@ -18,21 +74,22 @@ class RunLogger:
     Nothing is created before `begin`, so a run refused at resume writes no log."""
 
     def __init__(self, run_dir: Path, cfg: LogConfig, total_tokens: int, is_main: bool = True):
-        self.run_dir, self.cfg, self.total_tokens, self.is_main = run_dir, cfg, total_tokens, is_main
-        self.writer = self.bar = None
+        self.run_dir, self.cfg, self.total_tokens, self.is_main = Path(run_dir), cfg, total_tokens, is_main
+        self.sinks: list = []
+        self.bar = None
         self.hist_tokens = 0  # tokens at the last density histogram (a checkpointed position)
+        self.sink_state: dict = {}  # e.g. the wandb run id (checkpointed)
         self.start = self.last_time = time.perf_counter()
         self.start_tokens = self.last_tokens = 0
 
     def begin(self, tokens: int) -> None:
         """Start logging at `tokens` (a resumed run: where it stopped): the clock, and on the
-        main rank the TensorBoard writer and the progress bar."""
+        main rank the enabled sinks and the progress bar."""
         self.start = self.last_time = time.perf_counter()
         self.start_tokens = self.last_tokens = tokens
-        if self.cfg.tensorboard and self.is_main and self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
-
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self.is_main and not self.sinks:
+            self.sinks = [cls(self.run_dir, self.cfg, self.sink_state) for name in SINKS
+                          for enabled, cls in [SINKS[name]] if enabled(self.cfg)]
         if self.cfg.progress and self.is_main and self.bar is None:
             from tqdm import tqdm  # noqa: PLC0415
 
@@ -40,10 +97,13 @@ class RunLogger:
                             dynamic_ncols=True, desc="train")
 
     def state_dict(self) -> StateDict:
-        return StateDict(shared=State(meta={"hist_tokens": self.hist_tokens}) if self.is_main else None)
+        return StateDict(shared=State(meta={"hist_tokens": self.hist_tokens, **self.sink_state})
+                         if self.is_main else None)
 
     def load_state_dict(self, saved: Saved) -> None:
-        self.hist_tokens = saved.shared.meta["hist_tokens"] if saved.shared is not None else 0
+        meta = dict(saved.shared.meta) if saved.shared is not None else {}
+        self.hist_tokens = meta.pop("hist_tokens", 0)
+        self.sink_state = meta
 
     def on_step(self, step: int, tokens: int, trainers: dict) -> None:
         if self.bar is not None:
@@ -65,20 +125,23 @@ class RunLogger:
         if self.cfg.histogram_every and step % self.cfg.histogram_every == 0:
             for name, tr in trainers.items():
                 density = tr.density_log10(tokens - self.hist_tokens)
-                if self.writer is not None:
-                    self.writer.add_histogram(f"train/{name}/log10_density", density, step)
+                self.histogram(f"train/{name}/log10_density", density, step)
             self.hist_tokens = tokens
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+        for sink in self.sinks:
+            sink.scalar(tag, value, step)
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        for sink in self.sinks:
+            sink.histogram(tag, values, step)
 
     def eval_results(self, metrics: dict[str, dict], stats: dict, step: int) -> None:
         for name, values in metrics.items():
             for key, value in values.items():
                 self.scalar(f"eval/{name}/{key}", value, step)
-            if self.writer is not None:
-                self.writer.add_histogram(f"eval/{name}/log10_density", stats[name].log10_density(), step)
+            if self.sinks:
+                self.histogram(f"eval/{name}/log10_density", stats[name].log10_density(), step)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -86,5 +149,6 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

@@ -143,6 +143,7 @@ class TopKSAE(SAEBase):
 
     use_abs = False
     export_architecture = "topk"
+    export_encoder = True  # W_enc/b_enc are written (a tied kind's SAELens class rejects them)
     Options = NoOptions
 
     def __init__(self, d_in: int, n_latents: int, k: int, d_out: int | None = None, seed: int = 0,
@@ -189,12 +190,22 @@ class TopKSAE(SAEBase):
     def load_export_extra(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of export_extra on an export loaded with unit scales."""
 
+    def export_config(self) -> dict:
+        """cfg.json fields beyond the common ones that the kind's SAELens architecture reads."""
+        return {}
+
+    def saelens_caveat(self) -> str:
+        """Why the SAELens architecture it exports as does not compute this SAE's function with
+        these options ("" = it does, up to float rounding)."""
+        return ""
+
 
 @SAE_KINDS.register("abstopk")
 class AbsTopKSAE(TopKSAE):
     """Keeps the k largest |pre| with their sign: one latent can encode both directions."""
 
     use_abs = True
+    export_architecture = "abstopk"
 
 
 class SkipConnection(nn.Module):

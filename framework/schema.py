@@ -121,11 +121,19 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = ""  # "" = no Weights & Biases logging (wandb is then never imported)
+    mode: str = "online"  # online | offline (writes under run_dir/wandb, syncable later; no network) | disabled
+    entity: str = ""  # team or user; "" = wandb's default
+
+
+@dataclass
 class LogConfig:
-    every_steps: int = 10  # TensorBoard scalars
+    every_steps: int = 10  # scalars (TensorBoard, and wandb when log.wandb.project is set)
     histogram_every: int = 100  # log10 feature-density histogram
     progress: bool = True
     tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -23,6 +23,16 @@ def pytest_configure(config):
         torch.set_num_threads(int(threads))
         os.environ["OMP_NUM_THREADS"] = threads
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread avoids oversubscription on a shared machine (use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 STDLIB_MODULES = ["json", "argparse", "collections", "pathlib", "functools", "itertools", "logging", "textwrap",
                   "string", "random", "statistics", "datetime", "dataclasses", "difflib", "heapq"]
 

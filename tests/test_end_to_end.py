@@ -43,6 +43,8 @@ def test_llm_run_produces_everything(tmp_path, text_dir, capsys):
     run = tmp_path / "run"
     out = capsys.readouterr().out
     assert "FVU=" in out and "dCE=" in out
+    assert f"TensorBoard: tensorboard --logdir {run / 'tensorboard'}" in out  # the exact command, and the exports
+    assert f"exported resid: {run / 'export' / 'resid'}" in out and f"exported tc: {run / 'export' / 'tc'}" in out
     metrics = json.loads((run / "eval.json").read_text())
     assert set(metrics) == {"resid", "tc"}
     for name, m in metrics.items():

@@ -107,7 +107,8 @@ def test_export_reload_reconstructs_identically(tmp_path, kind, d_out):
     torch.testing.assert_close(loaded.decoder_weight.norm(dim=1), torch.ones(32))
     import json
     cfg = json.loads((folder / "cfg.json").read_text())
-    assert cfg["architecture"] == "topk" and cfg["d_sae"] == 32 and cfg["apply_b_dec_to_input"] == (d_out is None)
+    want = "topk_transcoder" if d_out else kind  # SAELens has no TopK transcoder; AbsTopK is its `abstopk`
+    assert cfg["architecture"] == want and cfg["d_sae"] == 32 and cfg["apply_b_dec_to_input"] == (d_out is None)
 
 
 def test_load_exported_rejects_extra_tensors(tmp_path):

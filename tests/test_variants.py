@@ -22,13 +22,7 @@ from framework.variants.vtopk import gaussian_kl
 D, N, K, B = 6, 24, 3, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are tiny: one thread avoids oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sae(kind, d=D, n=N, k=K, d_out=None, **options):
@@ -436,9 +430,9 @@ EXPORT_CASES = [
     ("batchtopk", None, {}, "jumprelu"), ("batchtopk", 5, {}, "jumprelu_transcoder"),
     ("mutual_choice", None, {"aux_zipf_coef": 0.1}, "jumprelu"), ("feature_choice", None, {}, "jumprelu"),
     ("feature_choice", 5, {"capacity": "zipf"}, "jumprelu_transcoder"), ("topafa", None, {}, "top_afa"),
-    ("gsae", None, {}, "topk"), ("gsae", 5, {}, "topk"), ("mpsae", None, {"stop_residual": 0.3}, "matching_pursuit"),
-    ("matryoshka", None, {"selection": "batchtopk"}, "jumprelu"), ("matryoshka", 5, {}, "topk"),
-    ("vtopk", None, {}, "topk"), ("vtopk", 5, {}, "topk"),
+    ("gsae", None, {}, "topk"), ("gsae", 5, {}, "topk_transcoder"), ("mpsae", None, {"stop_residual": 0.3}, "matching_pursuit"),
+    ("matryoshka", None, {"selection": "batchtopk"}, "jumprelu"), ("matryoshka", 5, {}, "topk_transcoder"),
+    ("vtopk", None, {}, "topk"), ("vtopk", 5, {}, "topk_transcoder"),
 ]
 
 

@@ -35,6 +35,7 @@ class MatchingPursuitSAE(VariantSAE):
 
     Options = MPOptions
     export_architecture = "matching_pursuit"
+    export_encoder = False  # SAELens' matching_pursuit is tied (W_enc = W_dec^T) and rejects W_enc/b_enc
     supports_transcoder = False  # the residual lives in the space being reconstructed
 
     def __init__(self, *args, **kwargs):
@@ -85,3 +86,16 @@ class MatchingPursuitSAE(VariantSAE):
 
     def load_export_extra(self, tensors: dict[str, torch.Tensor]) -> None:
         self.sync_encoder()
+
+    def export_config(self) -> dict:
+        # SAELens stops a token at an absolute residual norm, on a support that did not change, or
+        # after max_iterations (default d_in); with the first two off it runs our fixed step count
+        return {"residual_threshold": 0.0, "stop_on_duplicate_support": False,
+                "max_iterations": self.options.max_inference_steps or self.k}
+
+    def saelens_caveat(self) -> str:
+        if self.options.stop_residual == 0:
+            return ""
+        return (f"stop_residual={self.options.stop_residual} stops a token once ||r|| <= stop_residual * ||x - b_dec||; "
+                "SAELens' residual_threshold is an absolute norm, so the export runs max_iterations steps for "
+                "every token (no early stop)")
