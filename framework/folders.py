@@ -34,6 +34,7 @@ class SAELensModule(nn.Module):
     (padded with zeros), raw units (normalisation and skip are SAELens' own business)."""
 
     has_skip = False  # its skip is inside its forward; skip_fvu is reported for our modules only
+    output_layers = None  # one site (per-layer metrics are for our cross-layer transcoders)
 
     def __init__(self, sae):
         super().__init__()
@@ -57,6 +58,10 @@ class SAELensModule(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.to(self.inner.dtype)).float()
+
+    def splice_predictor(self):
+        """What evaluation splices in: raw input -> raw reconstruction (as our single-site SAEs)."""
+        return self.reconstruct
 
 
 @dataclasses.dataclass

@@ -44,6 +44,7 @@ class SAEBase(nn.Module):
     parameters, the normalisation units and the unit-norm decoder constraint."""
 
     needs_lm_grad = False  # capability: the step needs d(LM loss)/d(activation) (gsae)
+    supports_transcoder = True  # capability: may predict another site (output_site) than it reads
     variable_l0 = False  # capability: the number of active latents varies per token (else at most k)
     has_skip = False  # True for the with_skip() variants
     cross_layer = False  # capability: reads and writes stacked sites of several layers (its own, see configured_sites)

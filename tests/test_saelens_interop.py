@@ -27,8 +27,14 @@ EXTRA_OPTIONS = {"matryoshka": [{"selection": "batchtopk"}], "mpsae": [{"stop_re
 # (measured values in README.md; a bound about 2x the measured error leaves room for the data)
 APPROX_BOUND = {"topk": 0.7, "abstopk": 0.7, "top_afa": 0.9, "matching_pursuit": 0.01}
 
-CASES = [(kind, role, opts) for kind in sorted(SAE_KINDS) for opts in [{}] + EXTRA_OPTIONS.get(kind, [])
-         for role in ROLES if role == "sae" or getattr(SAE_KINDS[kind], "supports_transcoder", True)]
+# every kind that exports SAELens folders (a CLT exports circuit-tracer's format: tests/test_clt.py)
+SAELENS_KINDS = sorted(kind for kind in SAE_KINDS if SAE_KINDS[kind].export_format == "saelens")
+CASES = [(kind, role, opts) for kind in SAELENS_KINDS for opts in [{}] + EXTRA_OPTIONS.get(kind, [])
+         for role in ROLES if role == "sae" or SAE_KINDS[kind].supports_transcoder]
+
+
+def test_every_kind_is_covered_by_an_interop_test():
+    assert set(SAE_KINDS) - set(SAELENS_KINDS) == {"clt"}, "a kind without a SAELens or circuit-tracer interop test"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

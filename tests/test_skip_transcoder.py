@@ -19,7 +19,7 @@ from framework.kinds import SAE_KINDS, build_sae
 from framework.sae_trainer import SAETrainer
 
 D, D_OUT, N, K = 12, 10, 48, 4
-TRANSCODER_KINDS = sorted(k for k in SAE_KINDS if getattr(SAE_KINDS[k], "supports_transcoder", True)
+TRANSCODER_KINDS = sorted(k for k in SAE_KINDS if SAE_KINDS[k].supports_transcoder
                           and not SAE_KINDS[k].cross_layer)  # a CLT refuses skip connections (tests/test_clt.py)
 OPTIONS = {"matryoshka": {"prefixes": [8]}, "mutual_choice": {"aux_zipf_coef": 0.1}}
 

@@ -246,8 +246,6 @@ def zipf_underused(density: torch.Tensor, fraction: float, fit_fraction: float =
 class VariantSAE(TopKSAE):
     """TopKSAE plus the check that a kind that cannot be a transcoder is not built as one."""
 
-    supports_transcoder = True
-
     def __init__(self, d_in, n_latents, k, d_out=None, seed=0, options=None):
         super().__init__(d_in, n_latents, k, d_out=d_out, seed=seed, options=options)
         if self.is_transcoder and not self.supports_transcoder:
