@@ -27,6 +27,9 @@ class _ZeroSAE:
     def reconstruct(self, x):
         return torch.zeros_like(x)
 
+    def splice_predictor(self):
+        return self.reconstruct
+
 
 class _Trainer:
     input_site = output_site = SITE
