@@ -24,9 +24,9 @@ from framework.preemption import Preempted, PreemptionFlag
 from framework.rng import RNGState, seed_everything
 from framework.run_lock import RunLock
 from framework.sae_trainer import SAETrainer, total_steps_for
-from framework.train_stream import TrainStream
 from framework.schema import RunConfig
 from framework.stateful import Saved, State, StateDict
+from framework.train_stream import TrainStream
 
 log = logging.getLogger("sparsemill")
 
