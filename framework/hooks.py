@@ -182,15 +182,17 @@ def _first_path(model: nn.Module, *paths: str) -> str:
 
 # Vision encoders (framework/vision.py): the token axis is CLS (where the family has one) + patches.
 # Pre-LN blocks; DINOv2's attn_out / mlp_out are read before its layer scale. For CLIP / SigLIP
-# models with both towers, blocks.<L> are the vision tower's. resid_mid is left undefined here.
-for _name in ("vit", "dinov2"):
-    ARCHITECTURES.register(_name)(
-        lambda model: Layout(_first_path(model, _prefixed(model, "layers"), _prefixed(model, "encoder.layer")),
-                             "attention", "mlp", "mlp", "attention.o_proj"))
+# models with both towers, blocks.<L> are the vision tower's. resid_mid: the pre-MLP norm's input.
+ARCHITECTURES.register("vit")(
+    lambda model: Layout(_first_path(model, _prefixed(model, "layers"), _prefixed(model, "encoder.layer")),
+                         "attention", "mlp", "mlp", "attention.o_proj", "layernorm_after"))
+ARCHITECTURES.register("dinov2")(
+    lambda model: Layout(_first_path(model, _prefixed(model, "layers"), _prefixed(model, "encoder.layer")),
+                         "attention", "mlp", "mlp", "attention.o_proj", "norm2"))
 for _name in ("clip", "clip_vision_model", "siglip", "siglip_vision_model"):
     ARCHITECTURES.register(_name)(
         lambda model: Layout(_first_path(model, "vision_model.encoder.layers", "encoder.layers"), "self_attn", "mlp",
-                             "mlp", "self_attn.out_proj"))
+                             "mlp", "self_attn.out_proj", "layer_norm2"))
 
 
 def layout_of(model: nn.Module) -> Layout:

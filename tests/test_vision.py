@@ -56,6 +56,10 @@ def test_sites_resolve_and_early_stop_equals_full_forward(name):
         torch.testing.assert_close(early[spec.name], full[spec.name], rtol=0, atol=0)
     out_proj = blocks[1].get_submodule(hooks.layout_of(model).attn_z)  # attn_z is the output projection's input
     torch.testing.assert_close(out_proj(full["blocks.1.attn_z"]), full["blocks.1.attn_out"])
+    attn_added = full["blocks.1.attn_out"]
+    if name == "tiny-dinov2":  # its attn_out is read before the layer scale
+        attn_added = blocks[1].layer_scale1(attn_added)
+    torch.testing.assert_close(full["blocks.1.resid_mid"], full["blocks.1.resid_pre"] + attn_added)  # pre-LN blocks
 
 
 def _config(tmp_path, image_dir, **over) -> dict:
