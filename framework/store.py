@@ -29,7 +29,6 @@ again in further epochs (warned at the start, each new epoch logged), as the tex
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
