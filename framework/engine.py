@@ -50,7 +50,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from framework import watchdog
+from framework import host_memory, watchdog
 from framework.schema import ConfigError, DistConfig
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,8 @@ class Engine:
             self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
+        elif self.device.type == "cpu":
+            host_memory.keep_freed_memory()  # the step's large temporaries reuse their pages
         self.dp_world, self.latent_shards = mesh_shape(self.world, cfg.latent_shards)
         self.dp_rank, self.tp_rank = divmod(self.rank, self.latent_shards)
         self.dp_group = self.tp_group = None  # the default group / no latent shards

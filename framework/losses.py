@@ -43,7 +43,7 @@ def project_out_radial(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     """The gradient of unit-norm rows without its component along each row: a step then moves
     rows tangentially (the renorm after the step corrects the curvature). Linear in `grad`, so
     it commutes with gradient averaging over ranks."""
-    return grad - (grad * weight).sum(1, keepdim=True) * weight
+    return torch.addcmul(grad, torch.linalg.vecdot(grad, weight).unsqueeze(1), weight, value=-1)  # one pass out
 
 
 @dataclass

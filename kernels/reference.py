@@ -34,6 +34,11 @@ _TILE_ELEMS = 1 << 22  # rows x chunk of one pre-activation tile: 16 MiB in fp32
 _BATCH_CHUNK_ELEMS = 1 << 18  # bound on B_chunk * k * d temporaries (non-CPU fallback)
 _CSR_DTYPES = (torch.float32, torch.float64)  # what the CPU sparse kernels implement
 _CSR_MIN_WORK = 1 << 20  # B*k*d below which the plain loops win (no sparse-kernel setup)
+# k / (latents hit) above which G^T @ rows is cheaper as a dense product over the hit latents:
+# a dense matmul does >= 25x more multiply-adds per second than the CSR kernel, which degrades
+# further with many non-zeros per row (AuxK: k_aux = 256 of ~1.7k dead latents, 7.6x faster).
+_DENSE_SCATTER_DENSITY = 1 / 32
+_DENSE_SCATTER_ELEMS = 1 << 24  # bound on the dense [rows, latents hit] block (64 MiB fp32)
 
 _scratch_buffers = threading.local()
 
@@ -201,6 +206,9 @@ def scatter_outer(
     G sparse [B, n_latents] (k non-zeros per row). Cost B*k*d, never B*n."""
     B, k = indices.shape
     d = rows.shape[1]
+    hit = torch.bincount(indices.reshape(-1), minlength=n_latents).nonzero().squeeze(1)
+    if k >= _DENSE_SCATTER_DENSITY * hit.numel():
+        return _scatter_outer_dense(indices, coeffs, rows, hit, n_latents)
     if _use_csr(rows, B * k * d):
         # G^T in CSR: its rows are latents, so sort the (token, slot) pairs by latent.
         dt = _csr_dtype(rows)
@@ -219,6 +227,24 @@ def scatter_outer(
         contrib = coeffs[sl].unsqueeze(2) * rows[sl].unsqueeze(1)  # [b, k, d]
         out.index_add_(0, indices[sl].reshape(-1), contrib.reshape(-1, d))
     return out
+
+
+def _scatter_outer_dense(indices, coeffs, rows, hit, n_latents):
+    """scatter_outer as G_hit^T @ rows with G_hit the dense [B, |hit|] block of G's hit columns."""
+    B, d = rows.shape
+    local = torch.empty(n_latents, dtype=torch.int64, device=indices.device)
+    local[hit] = torch.arange(hit.numel(), device=indices.device)
+    local = local[indices]
+    acc = rows.new_zeros(hit.numel(), d)
+    step = max(1, _DENSE_SCATTER_ELEMS // max(hit.numel(), 1))
+    with torch.autocast(rows.device.type, enabled=False):
+        for r0 in range(0, B, step):
+            sl = slice(r0, min(r0 + step, B))
+            g = rows.new_zeros(sl.stop - sl.start, hit.numel()).scatter_add_(1, local[sl], coeffs[sl].to(rows.dtype))
+            acc.addmm_(g.T, rows[sl])
+    if hit.numel() == n_latents:
+        return acc
+    return rows.new_zeros(n_latents, d).index_copy_(0, hit, acc)
 
 
 def gather_dot(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

@@ -79,11 +79,15 @@ def _poisoned_empty(real_empty):
 
 @pytest.mark.parametrize("use_abs,masked", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("chunk", [16, 13])  # 16: strided-group filter; 13: element filter
-def test_cpu_fast_paths_match_dense(monkeypatch, use_abs, masked, chunk):
-    """Many row blocks, the threshold filter, the CSR backward (forced on at this size) and
-    reused / fresh buffers poisoned with NaN: still the dense float64 result."""
+@pytest.mark.parametrize("scatter", ["csr", "dense"])
+def test_cpu_fast_paths_match_dense(monkeypatch, use_abs, masked, chunk, scatter):
+    """Many row blocks, the threshold filter, the CSR or the dense-over-hit-latents backward
+    (each forced on at this size) and reused / fresh buffers poisoned with NaN: still the
+    dense float64 result."""
     monkeypatch.setattr(ref, "_TILE_ELEMS", 64)  # 4-row blocks
     monkeypatch.setattr(ref, "_CSR_MIN_WORK", 0)
+    monkeypatch.setattr(ref, "_DENSE_SCATTER_DENSITY", 0.0 if scatter == "dense" else float("inf"))
+    monkeypatch.setattr(ref, "_DENSE_SCATTER_ELEMS", 7 * 40)  # several row chunks of the dense block
     monkeypatch.setattr(ref, "_scratch_buffers", __import__("threading").local())
     monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
     B, d, n, k = 37, 9, 120, 5

@@ -31,6 +31,7 @@ import time
 import torch
 
 import kernels
+from framework import host_memory
 from framework.schema import SAEConfig, TrainConfig
 from framework.sae_trainer import SAETrainer
 from framework.synthetic import SyntheticActivations, SyntheticConfig
@@ -126,7 +127,7 @@ def competitor(args, d: int, n: int) -> subprocess.Popen:
     """The same steps (on synthetic rows of the same width), repeated until killed, on the same cores."""
     cmd = [sys.executable, "-m", "framework.benchmarks.train_step", "--compete", "--kind", args.kind,
            "--d", str(d), "--n", str(n), "--k", str(args.k), "--batch", str(args.batch),
-           "--dead-frac", str(args.dead_frac)]
+           "--dead-frac", str(args.dead_frac), *(["--malloc-default"] if args.malloc_default else [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready", "the competing process did not start"
     return proc
@@ -145,8 +146,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--settings", default="1,default,oversubscribed",
                     help="comma list of: 1, default, oversubscribed (default threads + a competing process)")
     ap.add_argument("--quick", action="store_true", help="d=128, B=512, n=4096: a smoke run")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="leave glibc's malloc as it is (a training run keeps freed memory: framework/host_memory.py)")
     ap.add_argument("--compete", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    kept = False if args.malloc_default else host_memory.keep_freed_memory()  # as Engine does on CPU
     if args.quick:
         args.d, args.batch = 128, 512
     args.n = args.n or ([4096] if args.quick else [16384, 65536])
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         while True:
             step()
     default_threads = torch.get_num_threads()
-    print(f"machine: {machine()}; default threads {default_threads}")
+    print(f"machine: {machine()}; default threads {default_threads}; freed memory kept: {kept}")
     print(f"kind={args.kind} data={args.data} d={d} k={args.k} B={args.batch} dead={args.dead_frac:.0%}, "
           f"median of {args.rounds} interleaved rounds")
     results = []
