@@ -8,7 +8,9 @@ decoder projections, AuxK's scatter), so it page-faults tens of thousands of tim
 on the 2-core VM that measured it, that was ~15% of the step. PyTorch caches device memory
 for the same reason; its CPU allocator leaves it to malloc, which these two settings turn
 into a cache: no mmap for large blocks, and no returning the top of the heap to the OS
-below 2 GiB free. Peak memory is unchanged; the resident set simply stays at its peak.
+below 2 GiB free. The cost is resident memory: the heap stays at its peak, plus a few
+blocks of the largest size while malloc's free lists settle (3 extra 64 MiB blocks for a
+loop of 64 MiB allocations, after which every block reuses pages: tests/test_host_memory.py).
 """
 
 from __future__ import annotations
