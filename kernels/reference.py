@@ -40,6 +40,8 @@ _CSR_MIN_WORK = 1 << 20  # B*k*d below which the plain loops win (no sparse-kern
 _DENSE_SCATTER_DENSITY = 1 / 32
 _DENSE_SCATTER_ELEMS = 1 << 24  # bound on the dense [rows, latents hit] block (64 MiB fp32)
 
+_EXT_ROWS, _EXT_CHUNK = 512, 1024  # rows x latents of a fused CPU selection tile (2 MiB fp32: in L2)
+
 _scratch_buffers = threading.local()
 
 
@@ -144,6 +146,12 @@ def select_topk(
     bias = encoder_bias
     if latent_mask is not None and not use_abs:
         bias = encoder_bias.masked_fill(~latent_mask, float("-inf"))  # can never be selected
+    fused = _fused_cpu_selection(x_centered, encoder_weight, bias, k)
+    if fused is not None:
+        rows_per_task = max(1, min(_EXT_ROWS, -(-B // (2 * torch.get_num_threads()))))  # >= 2 tasks a thread
+        pre, idx, score = fused.select_topk(*(t.detach().contiguous() for t in (x_centered, encoder_weight, bias)),
+                                            k, use_abs, latent_mask if use_abs else None, _EXT_CHUNK, rows_per_task)
+        return pre, idx, torch.isfinite(score)
     chunk = max(1, min(chunk_size, n))
     block = max(1, min(B, _TILE_ELEMS // chunk))
     dtype = torch.promote_types(x_centered.dtype, encoder_weight.dtype)
@@ -172,6 +180,16 @@ def select_topk(
         best_pre = best_score
     valid = torch.isfinite(best_score)
     return best_pre, best_idx, valid
+
+
+def _fused_cpu_selection(x_centered, encoder_weight, bias, k):
+    """kernels/cpu_topk.cpp when it applies (CPU, float32, k <= n) and is built, else None."""
+    if not (x_centered.device.type == "cpu" and 1 <= k <= encoder_weight.shape[0] and x_centered.shape[0] > 0
+            and all(t.dtype == torch.float32 for t in (x_centered, encoder_weight, bias))):
+        return None
+    from kernels import cpu_ext  # noqa: PLC0415 (`python -m kernels.cpu_ext` must find it unimported)
+
+    return cpu_ext.load()
 
 
 def _activation_mask(pre: torch.Tensor, valid: torch.Tensor, use_abs: bool) -> torch.Tensor:

@@ -50,4 +50,7 @@ if [ "$mode" = all ]; then
     fi
   fi
 fi
+# The fused CPU TopK (kernels/cpu_topk.cpp) is compiled once per machine (1-2 min, g++ and ninja);
+# without it training still runs, on the PyTorch path (slower when other processes share the cores).
+"$PYTHON" -m kernels.cpu_ext || echo "setup.sh: the fused CPU TopK was not built (see above); training uses the PyTorch path" >&2
 echo "setup.sh: done ($mode)"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from _selection import assert_same_topk, topk_margin
+from kernels import cpu_ext
 from kernels import reference as ref
 
 
@@ -80,10 +81,17 @@ def _poisoned_empty(real_empty):
 @pytest.mark.parametrize("use_abs,masked", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("chunk", [16, 13])  # 16: strided-group filter; 13: element filter
 @pytest.mark.parametrize("scatter", ["csr", "dense"])
-def test_cpu_fast_paths_match_dense(monkeypatch, use_abs, masked, chunk, scatter):
-    """Many row blocks, the threshold filter, the CSR or the dense-over-hit-latents backward
-    (each forced on at this size) and reused / fresh buffers poisoned with NaN: still the
-    dense float64 result."""
+@pytest.mark.parametrize("selection", ["torch", "fused"])
+def test_cpu_fast_paths_match_dense(monkeypatch, use_abs, masked, chunk, scatter, selection):
+    """Many row blocks, the threshold filter (PyTorch selection) or many tasks and tiles (the
+    fused C++ selection), the CSR or the dense-over-hit-latents backward (each forced on at
+    this size) and reused / fresh buffers poisoned with NaN: still the dense float64 result."""
+    if selection == "fused":
+        assert cpu_ext.load() is not None, "the fused CPU TopK did not build: see the warning"
+        monkeypatch.setattr(ref, "_EXT_ROWS", 4)
+        monkeypatch.setattr(ref, "_EXT_CHUNK", chunk)
+    else:
+        monkeypatch.setenv(cpu_ext.ENV_SWITCH, "0")
     monkeypatch.setattr(ref, "_TILE_ELEMS", 64)  # 4-row blocks
     monkeypatch.setattr(ref, "_CSR_MIN_WORK", 0)
     monkeypatch.setattr(ref, "_DENSE_SCATTER_DENSITY", 0.0 if scatter == "dense" else float("inf"))
@@ -133,3 +141,31 @@ def test_bf16_and_autocast_run_and_agree():
     out.float().sum().backward()
     assert torch.isfinite(W.grad).all()
     torch.testing.assert_close(av.float().sort(1).values, ref_v.sort(1).values, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("use_abs", [False, True])
+@pytest.mark.parametrize("allowed", [None, 20, 3])  # all latents; fewer than n; fewer than k (padded, invalid)
+def test_fused_cpu_selection_matches_the_torch_path(monkeypatch, use_abs, allowed):
+    """kernels/cpu_topk.cpp against the PyTorch selection at a size with many tasks and tiles:
+    the same sets away from ties, the same pre-activations, the same validity."""
+    assert cpu_ext.load() is not None, "the fused CPU TopK did not build: see the warning"
+    monkeypatch.setattr(ref, "_EXT_CHUNK", 96)
+    B, d, n, k = 300, 24, 1000, 8
+    x, W, b, _ = (t.detach() for t in _inputs(B, d, n, seed=3 + use_abs, dtype=torch.float32))
+    mask = None if allowed is None else torch.arange(n) * 7919 % n < allowed  # spread: 7919 is prime
+    fused = ref.select_topk(x, W, b, k, use_abs, mask)
+    monkeypatch.setenv(cpu_ext.ENV_SWITCH, "0")
+    plain = ref.select_topk(x, W, b, k, use_abs, mask)
+    pre = x.double() @ W.double().T + b.double()
+    score = pre.abs() if use_abs else pre
+    if mask is not None:
+        score = score.masked_fill(~mask, float("-inf"))
+    assert torch.equal(fused[2].sum(1), plain[2].sum(1))  # as many valid slots per row
+    valid = fused[2]
+    if allowed is None or allowed >= k:
+        assert valid.all() and assert_same_topk(fused[1], score, k).all()
+    else:  # every allowed latent is picked, once
+        picked = torch.where(valid, fused[1], -1).sort(1).values[:, -allowed:]
+        assert torch.equal(picked, mask.nonzero().squeeze(1).expand(B, -1))
+    got = torch.where(valid, fused[0], 0).double()
+    torch.testing.assert_close(got, torch.where(valid, pre.gather(1, fused[1]), 0), atol=1e-4, rtol=1e-4)

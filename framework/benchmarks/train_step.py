@@ -31,6 +31,7 @@ import time
 import torch
 
 import kernels
+from kernels import cpu_ext
 from framework import host_memory
 from framework.schema import SAEConfig, TrainConfig
 from framework.sae_trainer import SAETrainer
@@ -164,7 +165,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         while True:
             step()
     default_threads = torch.get_num_threads()
-    print(f"machine: {machine()}; default threads {default_threads}; freed memory kept: {kept}")
+    selection = "fused C++ (kernels/cpu_topk.cpp)" if cpu_ext.load() is not None else "PyTorch"
+    print(f"machine: {machine()}; default threads {default_threads}; freed memory kept: {kept}; "
+          f"CPU TopK selection: {selection}")
     print(f"kind={args.kind} data={args.data} d={d} k={args.k} B={args.batch} dead={args.dead_frac:.0%}, "
           f"median of {args.rounds} interleaved rounds")
     results = []
