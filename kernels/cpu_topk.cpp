@@ -32,6 +32,22 @@ inline void sift_down(float* score, float* pre, int64_t* idx, int64_t k) {
   }
 }
 
+// A row with fewer than k allowed latents keeps -inf slots: give them distinct latents not
+// already picked (as a top-k over the masked scores would), so no latent appears twice.
+inline void pad_distinct(const float* score, int64_t* idx, int64_t k, int64_t n) {
+  std::vector<int64_t> picked;
+  for (int64_t j = 0; j < k; ++j)
+    if (score[j] != -std::numeric_limits<float>::infinity()) picked.push_back(idx[j]);
+  if (static_cast<int64_t>(picked.size()) == k) return;
+  std::sort(picked.begin(), picked.end());
+  int64_t next = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    if (score[j] != -std::numeric_limits<float>::infinity()) continue;
+    while (std::binary_search(picked.begin(), picked.end(), next)) ++next;
+    idx[j] = next++;
+  }
+}
+
 }  // namespace
 
 // Returns (pre-activations, latent indices, scores) of the k best latents per row, unsorted.
@@ -84,6 +100,7 @@ std::vector<at::Tensor> select_topk(const at::Tensor& x, const at::Tensor& weigh
           }
         }
       }
+      for (int64_t r = 0; r < rows; ++r) pad_distinct(hs + r * k, hi + r * k, k, n);
     }
   });
   return {pre_out, idx_out, score_out};
