@@ -117,8 +117,10 @@ class Runner:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_bytes(self) -> dict[str, int]:
-        """This rank's training state of the SAE in bytes: parameters, their gradients (one per
-        trained parameter, as a step holds them), the optimizer's state."""
+        """This rank's training state of the SAE in bytes: parameters (a shard's or ZeRO-3
+        partition's), their gradients (one per trained parameter, as a step holds them, counted
+        whole also under ZeRO-2/3, which reduce them into partitions), the optimizer's state (ZeRO:
+        the fp32 master partitions too)."""
         params = list(self.sae.parameters())
         return {"param_bytes": _bytes(params), "grad_bytes": _bytes(p for p in params if p.requires_grad),
                 "optimizer_bytes": _bytes(self._optimizer_tensors())}
@@ -323,9 +325,7 @@ class ZeroRunner(DataParallelRunner):
         return self.zero.lr
 
     def _optimizer_tensors(self) -> list[torch.Tensor]:
-        """The inner torch optimizer's: this rank's fp32 master partitions and their moments."""
-        inner = self.optimizer.optimizer
-        return [p for group in inner.param_groups for p in group["params"]] + _state_tensors(inner)
+        return self.zero.optimizer_tensors()
 
     def gathered(self, modify: bool = False):
         return self.zero.gathered(modify)

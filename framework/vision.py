@@ -347,7 +347,7 @@ class ImageSource(ActivationSource):
                 images += pixels.shape[0]
                 clean = image_embedding(self.model, pixels)
                 for name, tr in trainers.items():
-                    replacement = hooks.Replacement.of(tr.input_site, tr.output_site, saes[name].splice_predictor)
+                    replacement = hooks.Replacement.of(tr.input_site, tr.output_site, lambda sae=saes[name]: sae.reconstruct)
                     with hooks.splice_prediction(self.model, replacement, keep):
                         spliced = image_embedding(self.model, pixels)
                     with hooks.splice_prediction(self.model, replacement.zero_ablation(), keep):
