@@ -89,7 +89,7 @@ def format_table(rows: list[Row], summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{summary['tokens']:,} train tokens from one LLM forward for every row; activations "
                  f"{summary.get('activation_tokens_per_s', 0):,.0f} tokens/s, the whole run "
-                 f"{summary['tokens_per_s']:,.0f} tokens/s over {summary["train_seconds"]:.1f} s")
+                 f"{summary['tokens_per_s']:,.0f} tokens/s over {summary['train_seconds']:.1f} s")
     return "\n".join(lines)
 
 
