@@ -241,15 +241,15 @@ class LLMSource(ActivationSource):
         return is_causal_lm(self.model)
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor, output_site: str | None = None, positions: torch.Tensor | None = None,
-               predict=None, input_site: str | None = None) -> torch.Tensor:
-        """The model's logits on a token batch; with `output_site`, the activation there is
-        replaced at `positions` by predict(activation of `input_site` at those positions)
-        (input_site defaults to output_site; the other positions keep their clean activation)."""
+    def logits(self, ids: torch.Tensor, replacement: hooks.Replacement | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits on a token batch; with a `replacement`, its output sites replaced
+        at `positions` by its predictions (hooks.splice_prediction; the other positions keep
+        their clean activation)."""
         ids = ids.to(self.model_device)
-        if output_site is None:
+        if replacement is None:
             return self.model(input_ids=ids, use_cache=False).logits
-        with hooks.splice_prediction(self.model, output_site, positions, predict, input_site):
+        with hooks.splice_prediction(self.model, replacement, positions):
             return self.model(input_ids=ids, use_cache=False).logits
 
     @torch.no_grad()

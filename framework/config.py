@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from framework import engine, hooks, kinds, llm, optim, tensor_parallel, text_data, vision
+from framework import engine, hooks, kinds, llm, optim, replacement, tensor_parallel, text_data, vision
 from framework.errors import ConfigError
 from framework.schema import (  # noqa: F401  (re-exported: the config API in one place)
     DataConfig,
@@ -203,6 +203,7 @@ def validate(cfg: RunConfig) -> None:
                f"needs a transcoder ({key}.output_site set and different from {key}.site), not an SAE")
         check(not s.skip_connection or cfg.dist.latent_shards == 1,
                f"{key}.skip_connection: not supported with dist.latent_shards > 1 (the latent shards do not hold W_skip)")
+    replacement.validate_sets(cfg)
 
 
 def _kind_sites(cfg: RunConfig, s: SAEConfig, options, key: str) -> None:

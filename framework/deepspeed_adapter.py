@@ -140,6 +140,14 @@ class ZeroEngine:
                     if numel > 0:
                         yield names[id(p)], tuple(p.ds_shape), flats[index], offset, start, numel
 
+    def optimizer_tensors(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 master partitions (one per group) and their optimizer state:
+        what its optimizer holds (Runner.state_bytes)."""
+        flats = self.optimizer.single_partition_of_fp32_groups if self.stage < 3 else \
+            self.optimizer.fp32_partitioned_groups_flat
+        state_of = self.optimizer.optimizer.state
+        return list(flats) + [t for f in flats for t in state_of.get(f, {}).values() if torch.is_tensor(t)]
+
     def optimizer_partition(self) -> tuple[dict[str, torch.Tensor], dict]:
         """This rank's pieces of every parameter's flattened fp32 master weights and optimizer
         state: tensors `<param>.master` and `<param>.<state key>` (e.g. exp_avg), and metadata

@@ -11,7 +11,8 @@ positions of the held-out sequences.
 A cross-layer transcoder's stacked output is spliced at every layer at once, each layer's
 encoder reading the spliced forward's resid_mid (the replacement model), and the zero ablation
 removes every spanned MLP; it also reports per-layer FVU (each layer's own eval-set mean), L0
-and dead fraction (`fvu.layer<L>`, ...).
+and dead fraction (`fvu.layer<L>`, ...). A replacement set (`eval.replacement_sets`,
+framework/replacement.py) splices several single-layer MLP transcoders the same way, all at once.
 Skip transcoders also report what their linear path alone
 (b_dec + x @ W_skip^T, every latent off) leaves unexplained: skip_fvu, and skip_explained =
 1 - skip_fvu, the fraction of the target's variance the skip explains.
@@ -33,7 +34,9 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from framework import hooks
 from framework.errors import DataError
+from framework.replacement import set_replacement
 
 DENSE_THRESHOLD = 0.1
 
@@ -170,12 +173,19 @@ def _kl_sum(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def splice_metrics(source, trainers: dict, n_tokens: int, reduce) -> dict[str, dict[str, float]]:
-    """delta CE, KL(clean||spliced) and CE recovered for each SAE on held-out sequences of a
-    source that `can_splice` (the LLM runs through its `logits`)."""
-    sums = {name: {"ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for name in trainers}
+def splice_metrics(source, trainers: dict, n_tokens: int, reduce,
+                   sets: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
+    """delta CE, KL(clean||spliced) and CE recovered on held-out sequences of a source that
+    `can_splice` (the LLM runs through its `logits`): for each SAE, and for each replacement
+    set (name -> member SAE names, framework/replacement.py), all on the same tokens."""
+    sets = sets or {}
+    sums = {name: {"ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for name in [*trainers, *sets]}
     ce_clean, predicted, seen = 0.0, 0, 0
     with inference_saes(trainers) as saes:
+        # a stacked site (CLT) and a set splice every layer at once: the replacement model
+        replacements = {name: hooks.Replacement.of(tr.input_site, tr.output_site, saes[name].splice_predictor)
+                        for name, tr in trainers.items()}
+        replacements |= {name: set_replacement(members, trainers, saes) for name, members in sets.items()}
         for ids in source.sequences("eval"):
             if seen >= n_tokens:
                 break
@@ -185,10 +195,9 @@ def splice_metrics(source, trainers: dict, n_tokens: int, reduce) -> dict[str, d
             clean = source.logits(ids)
             ce_clean += _next_token_ce(clean, ids).item()
             predicted += ids[:, 1:].numel()
-            for name, tr in trainers.items():
-                # a stacked site (CLT) splices every layer at once: the replacement model
-                spliced = source.logits(ids, tr.output_site, keep, saes[name].splice_predictor(), tr.input_site)
-                zero = source.logits(ids, tr.output_site, keep, lambda *_: torch.zeros(()), tr.output_site)
+            for name, replacement in replacements.items():
+                spliced = source.logits(ids, replacement, keep)
+                zero = source.logits(ids, replacement.zero_ablation(), keep)
                 sums[name]["ce_spliced"] += _next_token_ce(spliced, ids).item()
                 sums[name]["ce_zero"] += _next_token_ce(zero, ids).item()
                 sums[name]["kl"] += _kl_sum(clean, spliced).item()
@@ -215,11 +224,14 @@ def splice_metrics(source, trainers: dict, n_tokens: int, reduce) -> dict[str, d
 
 
 def evaluate(source, trainers: dict, eval_tokens: int, splice_tokens: int, splice: bool,
-             reduce=lambda t: t, world: int = 1, llm_source=None, latent_reduce=None) -> dict[str, dict]:
-    """All metrics per SAE name, plus the raw stats (for density histograms). When `world`
-    ranks share the SAEs, each evaluates 1/world of the tokens on its own shard and `reduce`
-    sums the statistics (per-latent counts with `latent_reduce`, default `reduce`). Splicing
-    runs on `llm_source` (default: `source`) when it is an LLM."""
+             reduce=lambda t: t, world: int = 1, llm_source=None, latent_reduce=None,
+             sets: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """All metrics per SAE name, plus the raw stats (for density histograms), and each
+    replacement set's splice metrics (`replacement_sets`: name -> members and metrics). When
+    `world` ranks share the SAEs, each evaluates 1/world of the tokens on its own shard and
+    `reduce` sums the statistics (per-latent counts with `latent_reduce`, default `reduce`).
+    Splicing runs on `llm_source` (default: `source`) when it is an LLM."""
+    sets = sets or {}
     llm_source = llm_source if llm_source is not None else source
     stats = reconstruction_metrics(trainers, source.batches("eval"), max(1, eval_tokens // world))
     for s in stats.values():
@@ -228,10 +240,11 @@ def evaluate(source, trainers: dict, eval_tokens: int, splice_tokens: int, splic
             raise DataError("evaluation saw no held-out tokens (every held-out row was empty, special, NaN/Inf or an "
                             "outlier); add data or lower data.norm_outlier_factor")
     results = {name: s.result() for name, s in stats.items()}
+    set_results = {name: {"members": list(members)} for name, members in sets.items()}
     if splice and llm_source.can_splice and splice_tokens > 0:
-        for name, metrics in splice_metrics(llm_source, trainers, max(1, splice_tokens // world), reduce).items():
-            results[name].update(metrics)
+        for name, metrics in splice_metrics(llm_source, trainers, max(1, splice_tokens // world), reduce, sets).items():
+            (set_results if name in sets else results)[name].update(metrics)
     if splice and splice_tokens > 0:  # e.g. a vision encoder's final embedding
         for name, metrics in llm_source.downstream_metrics(trainers, max(1, splice_tokens // world), reduce).items():
             results[name].update(metrics)
-    return {"metrics": results, "stats": stats}
+    return {"metrics": results, "stats": stats, "replacement_sets": set_results}

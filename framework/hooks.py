@@ -318,26 +318,63 @@ def splice(model: nn.Module, spec: SiteSpec, replace: Callable[[torch.Tensor], t
         handle.remove()
 
 
-@contextmanager
-def splice_prediction(model: nn.Module, output_site: str, positions: torch.Tensor, predict,
-                      input_site: str | None = None):
-    """Within the block, the activation at `output_site` is replaced at `positions` by
-    predict(the `input_site` activation at those positions) (input_site defaults to
-    output_site: an SAE reconstructing its own site); other positions keep their clean value.
+@dataclass(frozen=True)
+class Replacement:
+    """What one spliced forward replaces: member j's output site by predict(j, member j's input
+    site as read in this same forward), members in forward order. `predictor()` makes a fresh
+    predict per forward (a cross-layer transcoder's keeps the codes of its earlier layers)."""
 
-    Stacked sites splice every member at once: member j of the output is replaced by
-    predict(j, member j of the input, read in this spliced forward), called in layer order, so
-    a layer-wise predictor (a cross-layer transcoder) sees the inputs its own earlier
-    replacements produced (the replacement model, errors compounding as they would)."""
-    in_specs, out_specs = parse_sites(input_site or output_site), parse_sites(output_site)
-    if len(in_specs) != len(out_specs):
-        raise ValueError(f"splice: {input_site} and {output_site} stack different numbers of layers")
-    call = predict if stack_members(output_site) is not None else (lambda j, x: predict(x))
+    members: tuple[tuple[str, str], ...]  # (input site, output site) per replaced site: single sites
+    predictor: Callable[[], Callable[[int, torch.Tensor], torch.Tensor]]
+
+    @classmethod
+    def of(cls, input_site: str, output_site: str, predictor) -> "Replacement":
+        """One SAE or transcoder: a stacked site (CLT) replaces every member, its predictor
+        taking the member index; a single site's predictor takes the input only."""
+        ins, outs = stack_members(input_site) or [input_site], stack_members(output_site) or [output_site]
+        if len(ins) != len(outs):
+            raise ValueError(f"splice: {input_site} and {output_site} stack different numbers of layers")
+        if stack_members(output_site) is None:
+            return cls(((input_site, output_site),), lambda: _by_input(predictor()))
+        return cls(tuple(zip(ins, outs)), predictor)
+
+    @classmethod
+    def together(cls, parts: list["Replacement"]) -> "Replacement":
+        """Several replacements in one forward (a replacement set): `parts` in forward order."""
+        offsets = [0]
+        for part in parts:
+            offsets.append(offsets[-1] + len(part.members))
+
+        def predictor():
+            fresh = [part.predictor() for part in parts]
+            owner = [(i, j - offsets[i]) for i in range(len(parts)) for j in range(offsets[i], offsets[i + 1])]
+            return lambda j, x: fresh[owner[j][0]](owner[j][1], x)
+
+        return cls(tuple(m for part in parts for m in part.members), predictor)
+
+    def zero_ablation(self) -> "Replacement":
+        """The same output sites, zeroed."""
+        return Replacement(tuple((out, out) for _, out in self.members), lambda: lambda j, x: torch.zeros(()))
+
+
+def _by_input(predict):
+    return lambda j, x: predict(x)
+
+
+@contextmanager
+def splice_prediction(model: nn.Module, replacement: Replacement, positions: torch.Tensor):
+    """Within the block, every member's output activation is replaced at `positions` by its
+    prediction from its input activation at those positions, read in this spliced forward; other
+    positions keep their clean value. Members are predicted in forward order, so a later layer's
+    input carries the earlier replacements (the replacement model: errors compound as they would)."""
+    in_specs = [parse_site(i) for i, _ in replacement.members]
+    out_specs = [parse_site(o) for _, o in replacement.members]
+    predict = replacement.predictor()
     with capture(model, in_specs, stop_early=False) as inputs, ExitStack() as stack:
         def replacer(j: int):
             def replace(act: torch.Tensor) -> torch.Tensor:
                 out = act.clone()
-                out[positions] = call(j, inputs[in_specs[j].name][positions]).to(act.dtype)
+                out[positions] = predict(j, inputs[in_specs[j].name][positions]).to(act.dtype)
                 return out
             return replace
 

@@ -136,12 +136,17 @@ class RunLogger:
         for sink in self.sinks:
             sink.histogram(tag, values, step)
 
-    def eval_results(self, metrics: dict[str, dict], stats: dict, step: int) -> None:
+    def eval_results(self, metrics: dict[str, dict], stats: dict, step: int, sets: dict[str, dict] | None = None) -> None:
+        """Every SAE's metrics and density histogram, and each replacement set's metrics."""
         for name, values in metrics.items():
             for key, value in values.items():
                 self.scalar(f"eval/{name}/{key}", value, step)
             if self.sinks:
                 self.histogram(f"eval/{name}/log10_density", stats[name].log10_density(), step)
+        for name, values in (sets or {}).items():
+            for key, value in values.items():
+                if key != "members":
+                    self.scalar(f"eval/{name}/{key}", value, step)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

@@ -33,6 +33,15 @@ def _cpu(state: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
 
 
+def _bytes(tensors) -> int:
+    """Bytes this rank holds of `tensors` (a ZeRO-3 parameter: its partition, `ds_tensor`)."""
+    return sum(getattr(t, "ds_tensor", t).numel() * t.element_size() for t in tensors)
+
+
+def _state_tensors(optimizer) -> list[torch.Tensor]:
+    return [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+
+
 @RUNNERS.register("single")
 class Runner:
     """A wrapped training objective over a whole SAE. Per optimizer step: `accumulation` times
@@ -106,6 +115,18 @@ class Runner:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's training state of the SAE in bytes: parameters (a shard's or ZeRO-3
+        partition's), their gradients (one per trained parameter, as a step holds them, counted
+        whole also under ZeRO-2/3, which reduce them into partitions), the optimizer's state (ZeRO:
+        the fp32 master partitions too)."""
+        params = list(self.sae.parameters())
+        return {"param_bytes": _bytes(params), "grad_bytes": _bytes(p for p in params if p.requires_grad),
+                "optimizer_bytes": _bytes(self._optimizer_tensors())}
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        return _state_tensors(self.optimizer)
 
     def gathered(self, modify: bool = False):
         """Context in which every parameter is whole on every rank (ZeRO-3 partitions them);
@@ -302,6 +323,9 @@ class ZeroRunner(DataParallelRunner):
     @property
     def lr(self) -> float:
         return self.zero.lr
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        return self.zero.optimizer_tensors()
 
     def gathered(self, modify: bool = False):
         return self.zero.gathered(modify)

@@ -29,6 +29,7 @@ from framework.losses import TrainingBatch, aux_k_loss, project_out_radial
 from framework.runners import Runner
 from framework.schema import SAEConfig, TrainConfig
 from framework.stateful import Saved, State, StateDict
+from framework.step_clock import StepClock
 
 
 def annealed_k(cfg: SAEConfig, step: int, total_steps: int) -> int:
@@ -114,6 +115,8 @@ class SAETrainer:
         self.tokens_since_fired = torch.zeros(self.n_latents, dtype=torch.long, device=device)
         self.fire_counts = torch.zeros(self.n_latents, dtype=torch.long, device=device)  # since last histogram
         self.step_count = 0
+        self.clock = StepClock(device)  # this trainer's own step time (not checkpointed: this process's steps)
+        self._read_clock = (0, 0.0)  # (steps, seconds) at the last read_sums
         self.reset_sums()
 
     @property
@@ -140,6 +143,10 @@ class SAETrainer:
         """One optimizer step on this rank's part of the global batch (grad_accumulation_steps
         micro-batches; gradients synchronised on the last). `lm_grad`: d(LM loss)/d(target),
         raw units, row-aligned (for kinds that `needs_lm_grad`)."""
+        with self.clock.timing():
+            return self._step(x_raw, y_raw, lm_grad)
+
+    def _step(self, x_raw: torch.Tensor, y_raw: torch.Tensor, lm_grad: torch.Tensor | None) -> StepMetrics:
         runner = self.runner
         k = annealed_k(self.cfg, self.step_count, self.total_steps)
         # one host sync: how many latents are dead decides the AuxK work
@@ -191,8 +198,25 @@ class SAETrainer:
         out["dead_frac"] = self.dead_mask().float().mean().item()
         out["lr"] = self.runner.lr
         out["k"] = annealed_k(self.cfg, self.step_count, self.total_steps)
+        steps, seconds = self.clock.steps, self.clock.seconds
+        out["tokens_per_s"] = self._tokens_per_s(steps - self._read_clock[0], seconds - self._read_clock[1])
+        self._read_clock = (steps, seconds)
         self.reset_sums()
         return out
+
+    def _tokens_per_s(self, steps: int, seconds: float) -> float:
+        """Global-batch tokens per second of this SAE's own steps."""
+        return steps * self.train_cfg.batch_size / seconds if seconds > 0 else 0.0
+
+    def training_cost(self) -> dict[str, float | int]:
+        """What training this SAE alone cost in this process: its steps' time, train tokens/s
+        (the global batch over this rank's step time), and this rank's bytes of parameters,
+        gradients and optimizer state (Runner.state_bytes)."""
+        memory = self.runner.state_bytes()
+        seconds = self.clock.seconds
+        return {"step_seconds": round(seconds, 3), "timed_steps": self.clock.steps,
+                "tokens_per_s": round(self._tokens_per_s(self.clock.steps, seconds), 1),
+                **memory, "state_bytes": sum(memory.values())}
 
     def density_log10(self, tokens: int) -> torch.Tensor:
         """log10 firing density of each latent since the last call (for the histogram)."""

@@ -118,6 +118,10 @@ class EvalConfig:
     # source=images with a CLIP model (both towers): class names for zero-shot logits
     # ("a photo of a {label}"), compared clean vs with the reconstruction spliced in
     zero_shot_labels: list[str] = field(default_factory=list)
+    # name -> single-layer MLP transcoders (saes.N.name) evaluated as one replacement model: every
+    # member's blocks.L.mlp_out replaced at once, each reading its input from the replaced forward
+    # (framework/replacement.py); delta CE, KL and CE recovered per set in eval.json and summary.json
+    replacement_sets: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -207,10 +211,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         return _coerce(value, args[-1], key)
-    if tp is dict:
+    if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return value
+        if origin is None:
+            return value
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):

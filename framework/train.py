@@ -102,8 +102,10 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
             ckpt.save(progress.step, progress.tokens)
         if cfg.eval.every_steps and progress.step % cfg.eval.every_steps == 0:
             with train_stream.paused():  # the model is evaluation's meanwhile
-                metrics = run_eval(cfg, p, source, trainers, logger, progress.step)["metrics"]
-            progress.last_eval = {"step": progress.step, "metrics": _gather_dicts(metrics, engine, p.each_rank_writes)}
+                periodic = run_eval(cfg, p, source, trainers, logger, progress.step)
+            progress.last_eval = {"step": progress.step,
+                                  "metrics": _gather_dicts(periodic["metrics"], engine, p.each_rank_writes),
+                                  "replacement_sets": periodic["replacement_sets"]}
         if progress.tokens >= cfg.train.total_tokens:
             break
         if preemption.should_stop(engine):
@@ -133,10 +135,14 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
         **_activation_rate(train_stream, engine, tokens_per_s),
         **_skip_counts(train_stream.skipped(), engine),
         "saes": _gather_dicts(result["metrics"], engine, p.each_rank_writes),
+        "replacement_sets": result["replacement_sets"],  # sets need replicated SAEs: every rank has them
+        "sae_training": _gather_dicts({name: tr.training_cost() for name, tr in trainers.items()}, engine,
+                                      p.each_rank_writes),
     }
     summary["saes"] = {s.name: summary["saes"][s.name] for s in cfg.saes}
-    if engine.is_main:
-        (run_dir / "eval.json").write_text(json.dumps(summary["saes"], indent=2))
+    summary["sae_training"] = {s.name: summary["sae_training"][s.name] for s in cfg.saes}
+    if engine.is_main:  # eval.json: per SAE, then per replacement set (names never clash: framework/replacement.py)
+        (run_dir / "eval.json").write_text(json.dumps(summary["saes"] | summary["replacement_sets"], indent=2))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     engine.close()
     return summary
@@ -145,8 +151,8 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
 def run_eval(cfg: RunConfig, p: placement.Placement, source, trainers, logger: RunLogger, step: int) -> dict:
     watchdog.pause(watchdog.EVAL_DELAY_ENV, f"the evaluation at step {step}")  # test hook
     result = evaluate(p.source, trainers, cfg.eval.tokens, cfg.eval.splice_tokens, cfg.eval.splice,
-                      p.reduce_batch, p.share, source, p.reduce_counts)
-    logger.eval_results(result["metrics"], result["stats"], step)
+                      p.reduce_batch, p.share, source, p.reduce_counts, cfg.eval.replacement_sets)
+    logger.eval_results(result["metrics"], result["stats"], step, result["replacement_sets"])
     return result
 
 
@@ -204,4 +210,8 @@ def format_summary(summary: dict) -> str:
             extra = f"  embed-cos={m['embed_cos']:.4f}  embed-recovered={m['embed_recovered']:.3f}"
         lines.append(f"  {name}: FVU={m['fvu']:.4f}  L0={m['l0']:.1f}  dead={m['dead_frac']:.3f}  "
                      f"dense={m['dense_frac']:.3f}  cos={m['cos']:.3f}{extra}")
+    for name, m in summary.get("replacement_sets", {}).items():
+        if "delta_ce" in m:
+            lines.append(f"  {name} (replacement set of {len(m['members'])}): dCE={m['delta_ce']:.4f}  KL={m['kl']:.4f}  "
+                         f"CE-recovered={m['ce_recovered']:.3f}")
     return "\n".join(lines)

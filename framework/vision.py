@@ -347,10 +347,10 @@ class ImageSource(ActivationSource):
                 images += pixels.shape[0]
                 clean = image_embedding(self.model, pixels)
                 for name, tr in trainers.items():
-                    with hooks.splice_prediction(self.model, tr.output_site, keep, saes[name].reconstruct,
-                                                 tr.input_site):
+                    replacement = hooks.Replacement.of(tr.input_site, tr.output_site, lambda sae=saes[name]: sae.reconstruct)
+                    with hooks.splice_prediction(self.model, replacement, keep):
                         spliced = image_embedding(self.model, pixels)
-                    with hooks.splice_prediction(self.model, tr.output_site, keep, lambda x: torch.zeros(())):
+                    with hooks.splice_prediction(self.model, replacement.zero_ablation(), keep):
                         zero = image_embedding(self.model, pixels)
                     s = sums[name]
                     s["cos"] += F.cosine_similarity(clean, spliced, dim=-1).sum().item()
