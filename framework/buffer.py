@@ -8,6 +8,10 @@ Its whole state is explicit, so a checkpoint taken between two batches resumes e
 `queued` items already taken from the source but not yet mixed in (the init sample), the
 `pending` rows waiting for the next shuffle, the shuffled `ready` rows not yet emitted, and
 the generator (`tensors()`: a flat tensor dict; `state_dict()`: the Stateful protocol).
+
+Under data parallelism a `TokenExchange` (framework/token_exchange.py, `train.exchange_tokens`)
+trades the rows each refill makes ready between the ranks, so that every rank's batches mix
+all ranks' documents. It keeps no state, so the state above still makes a resume exact.
 """
 
 from __future__ import annotations
@@ -17,15 +21,18 @@ from typing import Iterator
 import torch
 
 from framework.stateful import Saved, State, StateDict
+from framework.token_exchange import TokenExchange
 
 Batch = dict[str, torch.Tensor]
 
 
 class MixingBuffer:
-    def __init__(self, capacity: int, batch_size: int, seed: int, device: torch.device):
+    def __init__(self, capacity: int, batch_size: int, seed: int, device: torch.device,
+                 exchange: TokenExchange | None = None):
         if capacity < batch_size:
             raise ValueError(f"buffer capacity {capacity} < batch size {batch_size}")
         self.capacity, self.batch_size = capacity, batch_size
+        self.exchange = exchange  # None: each rank mixes its own rows only
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.device = device
         self.queued: list[Batch] = []  # taken from the source, consumed before the stream
@@ -42,13 +49,24 @@ class MixingBuffer:
         self.pending.append(acts)
         self.rows += next(iter(acts.values())).shape[0]
 
+    def _permuted(self, rows: Batch, n: int) -> Batch:
+        perm = torch.randperm(n, generator=self.generator).to(self.device)
+        return {k: v[perm] for k, v in rows.items()}
+
     def _shuffle(self, n_rows: int) -> None:
-        perm = torch.randperm(self.rows, generator=self.generator).to(self.device)
-        store = {k: torch.cat([p[k] for p in self.pending])[perm] for k in self.pending[0]}
+        """The next n_rows (rounded down to whole batches) become ready; with an exchange,
+        every rank's share of them (the ranks agree first: at a stream's end they may differ)."""
         n_rows -= n_rows % self.batch_size
+        swap = self.exchange is not None and self.exchange.all_refill(n_rows, self.device)
+        if not self.pending:  # a stream that ended before its first row
+            return
+        store = self._permuted({k: torch.cat([p[k] for p in self.pending]) for k in self.pending[0]}, self.rows)
         self.pending = [{k: v[n_rows:] for k, v in store.items()}]
         self.rows -= n_rows
-        self.ready, self.ready_pos = {k: v[:n_rows] for k, v in store.items()}, 0
+        ready = {k: v[:n_rows] for k, v in store.items()}
+        if swap:  # the rows came in rank order: shuffled again
+            ready = self._permuted(self.exchange.swap(ready), n_rows)
+        self.ready, self.ready_pos = ready, 0
 
     def _drain(self) -> Iterator[Batch]:
         while self.ready is not None:
@@ -76,7 +94,7 @@ class MixingBuffer:
             self._append(acts)
             if self.rows >= self.capacity:
                 self._shuffle(max(self.capacity // 2, self.batch_size))
-        if self.rows >= self.batch_size:
+        if self.rows >= self.batch_size or self.exchange is not None:  # the others may be refilling
             self._shuffle(self.rows)
             yield from self._drain()
 

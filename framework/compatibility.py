@@ -38,7 +38,8 @@ MUST_MATCH = ["model.name", "data.source", "data.paths", "data.text_field", "dat
 SAE_MUST_MATCH = ["name", "site", "output_site", "kind", "n_latents", "options", "skip_connection"]
 # an SAE key a checkpoint's config lacks (added since it was written) compares as this default
 SAE_KEY_DEFAULTS = {"skip_connection": False}
-KEY_DEFAULTS = {"data.store_dir": "", "data.shuffle_rows": True}  # the same for run keys
+# the same for run keys
+KEY_DEFAULTS = {"data.store_dir": "", "data.shuffle_rows": True, "train.exchange_tokens": False}
 
 
 def _flatten(d, prefix="") -> dict:

@@ -149,6 +149,9 @@ def validate(cfg: RunConfig) -> None:
     check(t.batch_size % t.grad_accumulation_steps == 0,
            f"train.batch_size={t.batch_size} is not divisible by train.grad_accumulation_steps={t.grad_accumulation_steps}")
     check(t.buffer_tokens >= t.batch_size, "train.buffer_tokens: must be >= train.batch_size")
+    check(not t.exchange_tokens or cfg.dist.sae_placement == "replicated",
+          "train.exchange_tokens: with dist.sae_placement=layer each rank trains whole SAEs on its sites' rows routed "
+          "from every rank (framework/routing.py), which already mix all ranks' documents; set it false")
     check(len(t.adam_betas) == 2, "train.adam_betas: needs two numbers")
     check(0 <= t.decay_fraction <= 1, "train.decay_fraction: must be in [0, 1]")
     check(t.warmup_steps >= 0, "train.warmup_steps: must be >= 0")

@@ -99,6 +99,9 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 6.25e-10
     buffer_tokens: int = 32768  # mixing buffer size (tokens per SAE input)
+    # data parallel: at each refill of the mixing buffer the ranks trade the rows it makes ready
+    # (one all-to-all), so every rank's batches mix all ranks' documents (framework/token_exchange.py)
+    exchange_tokens: bool = False
     init_tokens: int = 8192  # tokens used for b_dec / normalisation estimates
     seed: int = 0
     device: str = "auto"  # where the SAEs train

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from framework import export, placement, watchdog
+from framework import export, placement, token_exchange, watchdog
 from framework.activations import SKIP_REASONS
 from framework.buffer import MixingBuffer
 from framework.checkpoint import CheckpointManager
@@ -74,8 +74,9 @@ def _train(cfg: RunConfig, preemption: PreemptionFlag) -> dict:
     total_steps = total_steps_for(cfg.train)
     trainers = {s.name: SAETrainer(s, cfg.train, *sites[s.name], p.source.dims, total_steps, engine.device,
                                    seed=cfg.train.seed + cfg.saes.index(s), engine=p.sae_engine) for s in p.saes}
+    exchange = token_exchange.build(cfg.train.exchange_tokens, engine.dp_group, engine.dp_world)
     buffer = MixingBuffer(cfg.train.buffer_tokens // p.share, cfg.train.batch_size // p.share,
-                          cfg.train.seed + engine.dp_rank, engine.device)
+                          cfg.train.seed + engine.dp_rank, engine.device, exchange)
     progress = Progress([s.name for s in cfg.saes], engine.world, engine.is_main)
     logger = RunLogger(run_dir, cfg.log, cfg.train.total_tokens, engine.is_main)
     train_stream = TrainStream(source, p.source, cfg.data.prefetch_batches)  # stands in for the source's state
