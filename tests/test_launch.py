@@ -165,9 +165,14 @@ HUB_LAYERS = {"openai-community/gpt2": 12, "EleutherAI/pythia-160m": 12, "Eleuth
               "meta-llama/Meta-Llama-3-8B": 32}
 
 
-def test_every_preset_validates_offline(text_dir, monkeypatch):
+def test_every_preset_validates_offline(text_dir, tmp_path, monkeypatch):
     """load_config on every configs/*.yaml with the network forbidden; presets reading local text
-    that this machine lacks (the Python docs package) are checked with the test text instead."""
+    or images that this machine lacks (the Python docs package) are checked with test files instead."""
+    from PIL import Image  # noqa: PLC0415
+
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(image_dir / "red.png")
     def no_network(*args, **kwargs):
         raise AssertionError("config validation tried to open a network connection")
 
@@ -185,7 +190,8 @@ def test_every_preset_validates_offline(text_dir, monkeypatch):
         overrides = []
         raw = load_config_paths(path)
         if any(p.startswith("/") and not Path(p).exists() for p in raw):
-            overrides = [f"data.paths=[{text_dir}]"]
+            images = yaml.safe_load(path.read_text()).get("data", {}).get("source") == "images"
+            overrides = [f"data.paths=[{image_dir if images else text_dir}]"]
         cfg = load_config(path, overrides)
         if cfg.model.name in HUB_LAYERS:  # hub presets: sites inside the model, hub dataset, GPU-sized batches
             n_layers = HUB_LAYERS[cfg.model.name]
