@@ -5,7 +5,10 @@
     python -m framework.benchmarks.optimizer_study --n-latents 16384 --budgets 300000 \\
         --adam-lrs 5e-4,1e-3,2e-3 --sf-lrs 2e-3,5e-3      # e.g. check the width scaling rule
 
-Sample efficiency = FVU on held-out tokens after a fixed token budget (default 300k and 1M); every (optimizer, lr,
+Sample efficiency = FVU on held-out tokens after a fixed token budget (default 300k and 1M), and
+the headline that combines it with speed: training wall-clock seconds (and tokens) until the
+held-out FVU first reaches each of `--fvu-marks` (checked every `--mark-every` steps on the first
+`--mark-tokens` held-out tokens, the clock stopped meanwhile); every (optimizer, lr,
 budget) is its own run, so Adam's warmup + linear decay is fitted to the budget. Learning
 rates are given at 2^14 latents, in the units of `framework.optim.DEFAULT_LR`, and scaled to
 the SAE's width by the framework's own rule (`optim.default_lr`); the table shows both.
@@ -44,7 +47,7 @@ import time
 
 import torch
 
-from framework import optim
+from framework import host_memory, optim
 from framework.schema import SAEConfig, TrainConfig
 from framework.evaluate import reconstruction_metrics
 from framework.sae_trainer import SAETrainer, total_steps_for
@@ -84,16 +87,23 @@ def run_one(spec: RunSpec, train_x: torch.Tensor, eval_x: torch.Tensor, dictiona
     tr = SAETrainer(sae_cfg, train_cfg, "x", "x", {"x": d}, total_steps, torch.device("cpu"), seed=seed)
     init = train_x[:train_cfg.init_tokens]
     tr.init_from_sample(init, init, sae_cfg.normalize_activations, sae_cfg.b_dec_init)
-    start = time.perf_counter()
-    diverged = False
+    reached: dict[float, tuple[float, int]] = {}  # FVU mark -> (training seconds, tokens) when first reached
+    seconds, diverged = 0.0, False
     B = train_cfg.batch_size
     for step in range(total_steps):
         x = train_x[step * B:(step + 1) * B]
+        start = time.perf_counter()
         m = tr.step(x, x)
         if step % 50 == 0 and not math.isfinite(m.loss.item()):
             diverged = True
             break
-    seconds = time.perf_counter() - start
+        seconds += time.perf_counter() - start  # the clock stops while the marks are checked
+        if len(reached) < len(args.fvu_marks) and (step + 1) % args.mark_every == 0:
+            fvu_now = reconstruction_metrics({"sae": tr}, [{"x": eval_x[:args.mark_tokens]}],
+                                             args.mark_tokens)["sae"].result()["fvu"]
+            for mark in args.fvu_marks:
+                if mark not in reached and fvu_now <= mark:
+                    reached[mark] = (seconds, (step + 1) * B)
     train_sums = tr.read_sums()  # includes the trainer's own dead fraction (dead_after_tokens)
     stats = reconstruction_metrics({"sae": tr}, [{"x": eval_x}], eval_x.shape[0])["sae"].result()
     with tr.evaluating() as sae:  # schedule-free: its averaged weights, as evaluation and export use
@@ -102,7 +112,9 @@ def run_one(spec: RunSpec, train_x: torch.Tensor, eval_x: torch.Tensor, dictiona
     return {**dataclasses.asdict(spec), "lr": lr, "n_latents": n_latents, "seed": seed, "fvu": fvu,
             "dead_frac": stats["dead_frac"], "dead_frac_train": train_sums["dead_frac"],
             "dense_frac": stats["dense_frac"], "l0": stats["l0"], "mean_max_cos": mean_cos,
-            "recovered_0.9": recovered, "seconds": seconds, "steps": total_steps, "diverged": diverged}
+            "recovered_0.9": recovered, "seconds": seconds, "steps": total_steps, "diverged": diverged,
+            "time_to_fvu": {str(mark): reached.get(mark, (None, None))[0] for mark in args.fvu_marks},
+            "tokens_to_fvu": {str(mark): reached.get(mark, (None, None))[1] for mark in args.fvu_marks}}
 
 
 def _fmt(values: list[float], digits: int = 4) -> str:
@@ -111,11 +123,13 @@ def _fmt(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f}±{statistics.stdev(values):.{digits}f}"
 
 
-def print_table(results: list[dict], out=sys.stdout) -> None:
+def print_table(results: list[dict], out=None) -> None:
+    out = out or sys.stdout  # looked up now: a replaced sys.stdout (e.g. captured) is honoured
     keys = sorted({(r["budget"], r["optimizer"], r["base_lr"]) for r in results},
                   key=lambda t: (t[0], t[1], t[2]))
     header = (f"{'budget':>9} {'optimizer':<21} {'lr@2^14':>8} {'lr':>9} {'FVU':>15} {'dead':>6} "
-              f"{'dead_tr':>7} {'maxcos':>7} {'rec.9':>6} {'s':>5}")
+              f"{'dead_tr':>7} {'maxcos':>7} {'rec.9':>6} {'s':>5}"
+              + "".join(f" {'t(FVU<=' + mark + ')':>13}" for mark in results[0]["time_to_fvu"]))
     print(header, file=out)
     print("-" * len(header), file=out)
     best = {}
@@ -130,7 +144,14 @@ def print_table(results: list[dict], out=sys.stdout) -> None:
         print(f"{budget:>9,} {opt_name:<21} {base_lr:>8.0e} {rows[0]['lr']:>9.2e} {_fmt(fvus):>15} "
               f"{_fmt([r['dead_frac'] for r in rows], 3):>6} {_fmt([r['dead_frac_train'] for r in rows], 3):>7} "
               f"{_fmt([r['mean_max_cos'] for r in rows], 3):>7} {_fmt([r['recovered_0.9'] for r in rows], 3):>6} "
-              f"{sum(r['seconds'] for r in rows):>5.0f}{mark}", file=out)
+              f"{sum(r['seconds'] for r in rows):>5.0f}"
+              + "".join(f" {_mark_time([r['time_to_fvu'][m] for r in rows]):>13}" for m in rows[0]["time_to_fvu"])
+              + mark, file=out)
+
+
+def _mark_time(seconds: list[float | None]) -> str:
+    """Training seconds to an FVU mark (mean over seeds); '-' if a seed never reached it."""
+    return "-" if None in seconds else f"{statistics.mean(seconds):.1f}s"
 
 
 def _floats(text: str) -> list[float]:
@@ -154,6 +175,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--eval-tokens", type=int, default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); use 1 "
                         "on a machine shared with other jobs: spinning OpenMP threads slow tiny SAEs 10x")
+    parser.add_argument("--fvu-marks", type=str, default="0.5,0.3",
+                        help="report the training wall-clock time (and tokens) until held-out FVU first reaches each")
+    parser.add_argument("--mark-every", type=int, default=16, help="steps between checks of the FVU marks")
+    parser.add_argument("--mark-tokens", type=int, default=4096, help="held-out tokens per check (the first ones)")
     parser.add_argument("--json", type=str, default="", help="also write the results here")
     args = parser.parse_args(argv)
     q = args.quick
@@ -165,8 +190,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sf_lrs = _floats(args.sf_lrs) if args.sf_lrs is not None else SF_LRS
     args.dead_after_tokens = args.dead_after_tokens or (10_000 if q else 50_000)
     args.eval_tokens = args.eval_tokens or (8192 if q else 32768)
+    args.fvu_marks = _floats(args.fvu_marks) if args.fvu_marks else []
     if args.threads:
         torch.set_num_threads(args.threads)
+    host_memory.keep_freed_memory()  # as a training run's engine does on CPU
 
     specs = [RunSpec("adam", lr, b) for b in budgets for lr in adam_lrs]
     specs += [RunSpec("signsgd_schedulefree", lr, b) for b in budgets for lr in sf_lrs]
@@ -191,7 +218,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append(r)
             print(f"  seed={seed} budget={spec.budget:,} {spec.optimizer} lr@2^14={spec.base_lr:g}: "
                   f"FVU={r['fvu']:.4f} dead={r['dead_frac']:.3f} maxcos={r['mean_max_cos']:.3f} "
-                  f"rec={r['recovered_0.9']:.3f} ({r['seconds']:.0f}s)", flush=True)
+                  f"rec={r['recovered_0.9']:.3f} ({r['seconds']:.0f}s; to FVU marks: {r['time_to_fvu']})", flush=True)
         del train_x
     print()
     print_table(results)
