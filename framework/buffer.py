@@ -88,10 +88,11 @@ class MixingBuffer:
         stream = iter(stream)
         while True:
             yield from self._drain()
-            acts = self._next_item(stream)
-            if acts is None:
-                break
-            self._append(acts)
+            if self.rows < self.capacity:  # pull only when not full: items larger than a refill
+                acts = self._next_item(stream)  # (4096-row file chunks) must not pile up in pending
+                if acts is None:
+                    break
+                self._append(acts)
             if self.rows >= self.capacity:
                 self._shuffle(max(self.capacity // 2, self.batch_size))
         if self.rows >= self.batch_size or self.exchange is not None:  # the others may be refilling

@@ -80,6 +80,22 @@ def test_mixing_buffer_shuffles_and_keeps_rows_aligned():
     assert first.std() > 200 and (first.diff() == 1).float().mean() < 0.05  # not in stream order
 
 
+def test_mixing_buffer_stays_bounded_when_items_exceed_a_refill():
+    """Items of 4096 rows into a 512-row buffer (activation files read in chunks): the buffer
+    pulls only when it is not full, so what it holds stays below capacity + one item, and
+    every row still comes out once."""
+    n, item = 40960, 4096
+    stream = ({"a": torch.arange(i, i + item, dtype=torch.float32)[:, None]} for i in range(0, n, item))
+    buf = MixingBuffer(capacity=512, batch_size=64, seed=0, device=torch.device("cpu"))
+    held, out = [], []
+    for batch in buf.batches(stream):
+        out.append(batch["a"][:, 0])
+        held.append(buf.rows)
+    assert max(held) < 512 + item
+    got = torch.cat(out)
+    assert len(got) == n and len(set(got.tolist())) == n
+
+
 def _write_shards(folder, widths, rows=(50, 70)):
     for i, r in enumerate(rows):
         save_file({k: torch.randn(r, w) for k, w in widths.items()}, str(folder / f"s{i}.safetensors"))
