@@ -321,3 +321,21 @@ def test_checkpoints_from_before_stores_still_resume_but_another_store_is_refuse
     other = _store_cfg(cached.cfg, tmp_path, "data.shuffle_rows=false").to_dict()
     assert sorted(config_differences(stored, other)[0]) == ["data.shuffle_rows: True -> False",
                                                             f"data.store_dir: '{cached.folder}' -> '{tmp_path}'"]
+
+
+def test_the_store_sweep_example_validates_against_a_store_it_describes(tmp_path, text_dir):
+    """slurm/sweeps/debug_k_store.txt: after its `sparsemill cache` line (on test text), every
+    task line loads and matches the store (the manifest check training makes first)."""
+    root = Path(__file__).resolve().parents[1]
+    folder = tmp_path / "stores" / "debug"
+    common = [f"data.paths=[{text_dir}]", "log.progress=false"]
+    store.cache(load_cache_config(root / "configs" / "debug.yaml",
+                                  [f"data.store_dir={folder}", "cache.tokens=2048", "cache.eval_tokens=256", *common]))
+    lines = [ln.split() for ln in (root / "slurm" / "sweeps" / "debug_k_store.txt").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    assert len(lines) == 2
+    for config, *overrides in lines:
+        overrides = [f"data.store_dir={folder}" if o.startswith("data.store_dir=") else o for o in overrides]
+        cfg = load_config(root / config, [*overrides, *common])
+        assert cfg.data.source == "store" and Path(cfg.data.store_dir) == folder
+        store.check_store_matches(store.read_manifest(folder), cfg, folder)  # what training checks first
