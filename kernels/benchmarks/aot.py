@@ -55,6 +55,7 @@ PRESETS = (
     Preset("pythia_410m", 1024, 65536, (64,), 8192),
     Preset("llama3_8b_all_layers", 4096, 65536, (64,), 8192),
     Preset("smollm2_resid25", 576, 4096, (32,), 1024),
+    Preset("smollm2_transcoders", 576, 4096, (32,), 1024),
     Preset("vision_tiny", 64, 256, (8,), 136),
     Preset("vision_clip_b32", 768, 12288, (32,), 4096),
 )
