@@ -36,15 +36,17 @@ def load():
     global _module, _tried
     if not enabled():
         return None
+    if _tried:  # every encode asks: no lock once settled
+        return _module
     with _lock:
         if not _tried:
-            _tried = True
             try:
                 _module = _build()
             except Exception as err:  # noqa: BLE001 (any build failure: fall back, say why once)
                 warnings.warn(f"sparsemill: the fused CPU TopK ({SOURCE.name}) could not be built, so the PyTorch "
                               f"path runs instead (slower under contention): {str(err).strip()[-300:]}",
                               stacklevel=2)
+            _tried = True  # after _module is set: a thread seeing it never reads a half-done build
     return _module
 
 
