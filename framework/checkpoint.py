@@ -119,6 +119,16 @@ def latest_name(root: Path) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
+def _warn_if_threads_differ(saved: int | None) -> None:
+    """Bitwise continuation needs the saved run's intra-op thread count: CPU reductions and
+    GEMMs split their sums by thread, so another count changes the last bits of every step."""
+    now = torch.get_num_threads()
+    if saved is not None and saved != now:
+        log.warning("this checkpoint was written with %d intra-op threads and this process has %d: training "
+                    "continues correctly but not bit for bit as the uninterrupted run would have (set "
+                    "OMP_NUM_THREADS=%d to match)", saved, now, saved)
+
+
 def _write_pointer(root: Path, name: str) -> None:
     """Atomically point `latest` at checkpoint `name`."""
     pointer = root / (LATEST + ".tmp")
@@ -272,7 +282,7 @@ class CheckpointManager:
         manifest = {"format": FORMAT, "name": final.name, "step": step, "tokens": tokens,
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "world_size": self.engine.world, "strategy": self.cfg.dist.strategy,
-                    "sae_placement": self.placement, "files": files}
+                    "sae_placement": self.placement, "intra_op_threads": torch.get_num_threads(), "files": files}
         durable.write_json(tmp / MANIFEST, manifest)
         durable.publish_folder(tmp, final)  # re-saving a step (after a fallback) replaces it only now
         _write_pointer(self.root, final.name)
@@ -327,6 +337,8 @@ class CheckpointManager:
                      f"optimizer and counters restored (converted and re-sharded); {data}")
             manifest = json.loads((path / MANIFEST).read_text())
             log.warning("resuming from %s (step %d, %d tokens); %s", path, manifest["step"], manifest["tokens"], where)
+            if self.engine.device.type == "cpu":
+                _warn_if_threads_differ(manifest.get("intra_op_threads"))
         self.last_saved_step = choice["step"]
         return True
 

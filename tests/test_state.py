@@ -89,7 +89,10 @@ def _same_weights(a: Path, b: Path, names) -> None:
         x, y = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
         assert set(x) == set(y)
         for key in x:
-            assert torch.equal(x[key], y[key]), f"{name}:{key} differs"
+            if not torch.equal(x[key], y[key]):
+                off = x[key] != y[key]
+                raise AssertionError(f"{name}:{key} differs in {int(off.sum())} of {off.numel()} elements, by up to "
+                                     f"{float((x[key] - y[key]).abs().max()):.3g}")
 
 
 def _final(run: Path) -> Path:
@@ -344,11 +347,15 @@ def test_every_kind_resumes_bitwise(tmp_path, text_dir, monkeypatch):
 
 
 @pytest.mark.slow
-def test_kill9_at_random_moments_resumes_bitwise(tmp_path, shards, reference):
+def test_kill9_at_random_moments_resumes_bitwise(tmp_path, shards):
     """kill -9 five times (two of them while a checkpoint is being written), then finish: the
     weights equal the uninterrupted run's bit for bit, and every published checkpoint verifies.
     The mid-save kills do not depend on timing: those runs write each file 1 s slowly, and the
-    kill follows the moment their save folder appears."""
+    kill follows the moment their save folder appears. The uninterrupted run is a fresh process
+    too, as a user's is: the test process's thread settings are not the command's."""
+    straight = subprocess.run([sys.executable, "-m", "framework", "train", str(_files_cfg(tmp_path / "straight", shards)),
+                               "--quiet"], capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
     path = _files_cfg(tmp_path, shards)
     root = tmp_path / "run" / "checkpoints"
     cmd = [sys.executable, "-m", "framework", "train", str(path), "--quiet"]
@@ -377,7 +384,8 @@ def test_kill9_at_random_moments_resumes_bitwise(tmp_path, shards, reference):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr and "continues where it stopped" in done.stderr
-    _same_weights(_final(reference), _final(tmp_path / "run"), ["s", "abs"])
+    assert "intra-op threads" not in done.stderr, done.stderr[-3000:]
+    _same_weights(_final(tmp_path / "straight" / "run"), _final(tmp_path / "run"), ["s", "abs"])
     print("kill -9 trials (trial, mid-save, latest at kill):", report)
 
 
@@ -459,6 +467,19 @@ def test_config_changes_that_break_the_state_are_refused(tmp_path, reference, ca
     # a longer budget is fine: it resumes (with a warning) and continues
     summary = train(load_config(path, [f"train.total_tokens={26 * STEP_BATCH}"]))
     assert summary["steps"] == 26 and "train.total_tokens: 6144 -> 6656" in caplog.text
+
+
+def test_resume_at_another_thread_count_says_it_is_not_bitwise(tmp_path, reference, caplog):
+    run, path = _copy_run(reference, tmp_path)
+    manifest_path = _final(run) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["intra_op_threads"] == torch.get_num_threads()
+    train(load_config(path))
+    assert "intra-op threads" not in caplog.text
+    manifest_path.write_text(json.dumps({**manifest, "intra_op_threads": torch.get_num_threads() + 3}))
+    assert train(load_config(path))["steps"] == 24
+    assert (f"written with {torch.get_num_threads() + 3} intra-op threads and this process has "
+            f"{torch.get_num_threads()}" in caplog.text)
 
 
 def test_no_resume_moves_old_checkpoints_aside(tmp_path, reference):

@@ -99,4 +99,5 @@ results = {}
 for name, args in runs.items():
     results |= {f"{name}.{k}": v for k, v in run(dp_rank, *args).items()}
 save_file(results, f"{sys.argv[1]}/rank{rank}.safetensors")
+dist.barrier()  # no rank tears down gloo while a peer still talks to it
 dist.destroy_process_group()

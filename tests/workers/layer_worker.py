@@ -73,4 +73,5 @@ for n, tr in trainers.items():
     save_file({k: v.contiguous() for k, v in tr.sae.state_dict().items()},
               f"{out_dir}/{n}_{'routed' if distributed else 'alone'}.safetensors")
 if distributed:
+    dist.barrier()  # no rank tears down gloo while a peer still talks to it
     dist.destroy_process_group()

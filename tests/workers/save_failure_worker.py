@@ -34,4 +34,5 @@ except CheckpointError as err:
     caught = f"CheckpointError: {err}"
 (out / f"rank{rank}.txt").write_text(caught)
 if dist.is_initialized():
+    dist.barrier()
     dist.destroy_process_group()
