@@ -1,4 +1,4 @@
-"""A cross-layer transcoder trained on 2 ranks (ddp, ZeRO-2) trains the weights one
+"""A cross-layer transcoder trained on 2 ranks (ddp, ZeRO-2, ZeRO-3) trains the weights one
 process trains, within float tolerance (tests/workers/clt_dist_steps.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).parent / "workers" / "clt_dist_steps.py"
-STRATEGIES = ["ddp", "zero2"]  # zero1 shares zero2's code path (and the time budget)
+STRATEGIES = ["ddp", "zero2", "zero3"]  # zero1 shares zero2's code path (and the time budget)
 
 
 @pytest.fixture(scope="module")
