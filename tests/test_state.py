@@ -353,12 +353,13 @@ def test_kill9_at_random_moments_resumes_bitwise(tmp_path, shards):
     The mid-save kills do not depend on timing: those runs write each file 1 s slowly, and the
     kill follows the moment their save folder appears. The uninterrupted run is a fresh process
     too, as a user's is: the test process's thread settings are not the command's."""
-    straight = subprocess.run([sys.executable, "-m", "framework", "train", str(_files_cfg(tmp_path / "straight", shards)),
-                               "--quiet"], capture_output=True, text=True, timeout=300)
+    def command(folder: Path) -> list[str]:
+        return [sys.executable, "-m", "framework", "train", str(_files_cfg(folder, shards)), "--quiet"]
+
+    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    path = _files_cfg(tmp_path, shards)
     root = tmp_path / "run" / "checkpoints"
-    cmd = [sys.executable, "-m", "framework", "train", str(path), "--quiet"]
+    cmd = command(tmp_path)
     rng = random.Random(7)
     report = []
     for trial in range(5):
