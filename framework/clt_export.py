@@ -10,9 +10,11 @@ circuit-tracer computes f_i = act(W_enc_i x_i + b_enc_i), y_j = sum_{i<=j} f_i W
 b_dec_j on raw activations. Our per-layer scales fold as W_enc_i' = W_enc_i * input_scale_i
 (TopK's choice is unchanged), W_dec_i'[:, j-i] = W_dec_i[:, j-i] / output_scale_j and
 b_dec_j' = b_dec_j / output_scale_j: the codes stay in normalised units, shared by the targets.
-circuit-tracer's file loader builds a ReLU (or JumpReLU) from these files, never a TopK:
-`circuit_tracer_clt` loads them through it and sets the TopK. Its replacement model indexes the
-CLT's layers from the model's first: export CLTs spanning layers 0.. for attribution."""
+A JumpReLU CLT (kind jumprelu_clt) adds `threshold_<i>` [d_sae] to W_enc_<i>.safetensors (codes,
+hence thresholds, in normalised units); circuit-tracer's file loader then builds its own JumpReLU,
+which is ours. From a TopK CLT it builds a ReLU, never a TopK: `circuit_tracer_clt` loads the
+files through it and sets the TopK. Its replacement model indexes the CLT's layers from the
+model's first: export CLTs spanning layers 0.. for attribution."""
 
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def folded_layers(sae) -> list[dict[str, torch.Tensor]]:
         dec = sae.decoders[i].detach().cpu() / s_out[i:, None]  # [m, n - i, d]: target j = i + t scaled by 1/s_out_j
         out.append({f"W_enc_{i}": (enc[rows] * s_in[i]).float().contiguous(), f"b_enc_{i}": b_enc[rows].float().contiguous(),
                     f"b_dec_{i}": (b_dec[i * d:(i + 1) * d] / s_out[i]).float().contiguous(),
-                    f"W_dec_{i}": dec.float().contiguous()})
+                    f"W_dec_{i}": dec.float().contiguous(),
+                    **{k: v.cpu().float().contiguous() for k, v in sae.clt_export_extra(i).items()}})
     return out
 
 
@@ -55,7 +58,7 @@ def export_clt(sae, folder: Path, kind: str, metadata: dict, log10_density: torc
         durable.write_file(tmp / SPARSITY_FILE, save({"sparsity": log10_density.float().cpu().contiguous()}))
     durable.write_json(tmp / CONFIG_FILE, {
         "architecture": sae.export_architecture, "d_model": sae.d_model, "d_sae": sae.per_layer, "k": sae.k,
-        "layers": sae.layers, "activation": "topk",
+        "layers": sae.layers, "activation": sae.export_activation,
         "metadata": {"sparsemill_kind": kind, "sparsemill_options": dataclasses.asdict(sae.options), **metadata}})
     ct = {"model_kind": "cross_layer_transcoder", "model_name": metadata.get("model_name", ""),
           "feature_input_hook": INPUT_HOOK, "feature_output_hook": OUTPUT_HOOK, "scan": folder.name}
@@ -83,20 +86,22 @@ def load_clt_export(folder: str | Path, build):
             sae.encoder_bias[i * m:(i + 1) * m] = enc[f"b_enc_{i}"]
             sae.b_dec[i * d:(i + 1) * d] = enc[f"b_dec_{i}"]
             sae.decoders[i].copy_(dec[f"W_dec_{i}"])
+            sae.load_clt_export_extra(i, enc)
     return sae.eval()
 
 
 def circuit_tracer_clt(folder: str | Path, device: str = "cpu"):
-    """Our export loaded by circuit-tracer's own `load_clt` (float32, decoders in memory), its
-    activation set to what we compute: per layer and token TopK(k), then a ReLU (our TopK
-    keeps only positive values)."""
+    """Our export loaded by circuit-tracer's own `load_clt` (float32, decoders in memory). A
+    JumpReLU CLT is used as loaded; a TopK one gets what we compute: per layer and token
+    TopK(k), then a ReLU (our TopK keeps only positive values)."""
     from circuit_tracer.transcoder.activation_functions import TopK  # noqa: PLC0415
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt  # noqa: PLC0415
     from torch import nn  # noqa: PLC0415
 
     folder = Path(folder)
-    k = json.loads((folder / CONFIG_FILE).read_text())["k"]
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
     clt = load_clt(str(folder), feature_input_hook=INPUT_HOOK, feature_output_hook=OUTPUT_HOOK, scan=folder.name,
                    device=torch.device(device), dtype=torch.float32, lazy_decoder=False)
-    clt.activation_function = nn.Sequential(TopK(k), nn.ReLU())
+    if cfg["activation"] == "topk":
+        clt.activation_function = nn.Sequential(TopK(cfg["k"]), nn.ReLU())
     return clt

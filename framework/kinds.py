@@ -6,7 +6,9 @@ imports this, and `framework.sae` (the base classes) imports none of the variant
     batchtopk, mutual_choice, feature_choice    framework/variants/choice.py
     topafa, gsae, mpsae, matryoshka, vtopk      framework/variants/<name>.py
     jumprelu                                    framework/variants/jumprelu.py
-    clt (cross-layer transcoder)                framework/variants/clt.py
+    clt, jumprelu_clt (cross-layer transcoders) framework/variants/clt.py
+
+and the latent-shard layouts beyond TopK's (framework/clt_sharding.py registers clt's).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from framework.errors import ConfigError
 from framework.sae import SAE_KINDS, TopKSAE, with_skip
 from framework.schema import build_dataclass
+from framework import clt_sharding  # noqa: F401  (registration)
 from framework.variants import choice, clt, gsae, jumprelu, matryoshka, mpsae, topafa, vtopk  # noqa: F401  (registration)
 
 __all__ = ["SAE_KINDS", "build_sae", "lm_gradient_sites", "parse_options"]

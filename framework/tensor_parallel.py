@@ -53,6 +53,9 @@ k and the ranks): the trainer cuts each shard from the same full initialisation 
 unsharded run (`from_full`), AuxK selects among dead latents with `encode_rows`, and
 checkpoints and exports hold the whole model in TopKSAE's layout (`gather_state` /
 `shard_state`, `gather_optimizer_state` / `shard_optimizer_state`), as an unsharded run's.
+Those conversions are generic over `LatentShard` modules (each names its row-sharded tensors);
+`SHARD_LAYOUTS` maps a kind to its shard: TopK/AbsTopK here, the TopK cross-layer transcoder in
+framework/clt_sharding.py.
 """
 
 from __future__ import annotations
@@ -66,15 +69,19 @@ from torch import nn
 import kernels
 from framework.losses import project_out_radial
 from framework.errors import ConfigError
+from framework.registry import Registry
 from framework.sae import SAE_KINDS, SAEBase, SAEOutput, TopKSAE
 
 __all__ = [
-    "shard_range", "check_shardable", "LatentShardedTopK", "ShardedSAEOutput", "from_full", "gather_full",
+    "shard_range", "check_shardable", "LatentShard", "LatentShardedTopK", "ShardedSAEOutput", "from_full", "gather_full",
+    "SHARD_LAYOUTS", "shard_group", "copy_inputs_to_shards",
     "gather_state", "shard_state", "gather_optimizer_state", "shard_optimizer_state", "init_mesh", "CommCounter",
 ]
 
-SHARDABLE_KINDS = ("topk", "abstopk")  # kinds whose selection is plain TopK / AbsTopK per token
-SHARDED_TENSORS = ("encoder_weight", "encoder_bias", "decoder_weight")  # split by rows; the rest replicated
+# kind -> (whole module, group, backend) -> this rank's shard: kinds whose selection is a plain
+# top k per token (or per layer and token: clt, framework/clt_sharding.py), which the shards
+# agree on from gathered candidate values
+SHARD_LAYOUTS: Registry = Registry("latent-shardable kind")
 
 
 # -- sharding arithmetic -----------------------------------------------------------------
@@ -95,10 +102,10 @@ def shard_range(n_latents: int, rank: int, world: int) -> tuple[int, int]:
 
 def check_shardable(kind: str, n_latents: int, shards: int, key: str = "sae") -> None:
     """ConfigError (naming `key`) unless an SAE of this kind and width splits into `shards`."""
-    if kind not in SHARDABLE_KINDS:
+    if kind not in SHARD_LAYOUTS:
         raise ConfigError(f"{key}.kind: '{kind}' cannot be latent-sharded (dist.latent_shards={shards}): only "
-                          f"{list(SHARDABLE_KINDS)} select a plain top k per token, which the shards agree on from "
-                          "gathered candidate values; use dist.latent_shards: 1 for this kind")
+                          f"{sorted(SHARD_LAYOUTS)} select a plain top k per token (clt: per layer and token), which "
+                          "the shards agree on from gathered candidate values; use dist.latent_shards: 1 for this kind")
     try:
         shard_range(n_latents, 0, shards)
     except ValueError as err:
@@ -216,138 +223,49 @@ def _global_keep(scores: torch.Tensor, local_idx: torch.Tensor, k: int, group, r
     return above | (tied & (ties_before + tie_rank < slots))
 
 
-@dataclass
-class ShardedSAEOutput(SAEOutput):
-    """SAEOutput of a latent shard: x_hat is the full (replicated) reconstruction; values and
-    indices are THIS shard's slots [B, k_loc] (values 0 where a slot is not in the global top k;
-    indices are global latent ids, `local_indices` = indices - start)."""
-
-    start: int = 0
-
-    @property
-    def local_indices(self) -> torch.Tensor:
-        return self.indices - self.start
+# -- what every latent shard does with its group ---------------------------------------------
+def shard_group(group) -> tuple[int, int]:
+    """(rank, world) of this process in a latent-shard group; (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
 
 
-# -- the sharded module ---------------------------------------------------------------------
-class LatentShardedTopK(SAEBase):
-    """One rank's shard of a TopK (or AbsTopK) SAE/transcoder, split over latents.
+def copy_inputs_to_shards(group, x: torch.Tensor, offset: torch.Tensor):
+    """(x, encoder offset), through _CopyToShards when they need gradients: each shard's
+    encoder sees only its latents, so their gradients are summed over the group."""
+    if torch.is_grad_enabled():
+        needs = [t for t in (x, offset) if t.requires_grad]
+        if needs:
+            copied = _CopyToShards.apply(group, *needs)
+            copied = iter(copied if isinstance(copied, tuple) else (copied,))
+            x = next(copied) if x.requires_grad else x
+            offset = next(copied) if offset.requires_grad else offset
+    return x, offset
 
-    Parameters (same names as TopKSAE, so optimizers, project/renorm and state_dicts work
-    per shard): encoder_weight [n/W, d_in], encoder_bias [n/W], decoder_weight [n/W, d_out]
-    sharded; b_dec [d_out] replicated. Every rank of `group` must call every method that
-    communicates (forward, encode, decode, clip_grad_norm_, tp_sum, gather_*) in the same order.
-    """
 
-    def __init__(self, d_in: int, n_latents: int, k: int, *, group=None, rank: int | None = None,
-                 world: int | None = None, d_out: int | None = None, use_abs: bool = False,
-                 kind: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
-                 device=None, backend: str = "auto"):
-        super().__init__()
-        self.group = group
-        if dist.is_available() and dist.is_initialized():
-            g_rank, g_world = dist.get_rank(group), dist.get_world_size(group)
-            if (rank is not None and rank != g_rank) or (world is not None and world != g_world):
-                raise ValueError(f"rank/world ({rank}, {world}) disagree with the process group "
-                                 f"({g_rank}, {g_world})")
-            rank, world = g_rank, g_world
-        elif rank is None and world is None:
-            rank, world = 0, 1  # no process group: one shard, no collectives (a plain TopK SAE)
-        elif rank is None or world is None:
-            raise ValueError("torch.distributed is not initialised: pass both rank and world (then only "
-                             "world=1 or local methods work), or init the process group first")
-        self.rank, self.world = rank, world
-        self.start, self.end = shard_range(n_latents, rank, world)
-        self.n_latents, self.n_local, self.k = n_latents, self.end - self.start, k
-        self.use_abs = use_abs
-        self.kind = kind or ("abstopk" if use_abs else "topk")
-        self.backend = backend
-        # Fresh init of this shard only (a full model never exists): the draw depends on
-        # (seed, rank): statistically like TopKSAE's init, not the same numbers; use
-        # `from_full` to shard a given model exactly.
-        g = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-        self._make_parameters(self.n_local, d_in, d_out or d_in, d_out is not None, g, dtype, device)
+class LatentShard:
+    """Mixin of a module that holds one rank's rows of a dictionary's latents (`group`):
+    `sharded_rows()` names the tensors split by rows and into how many row groups (a tensor
+    whose rows are [groups, n, ...] keeps rows [start, end) of every group), the rest is
+    replicated; gradients of sharded tensors are local, of replicated ones the same on every
+    rank. `whole_blueprint()` builds an empty whole module of the same kind (gather_full)."""
 
-    # -- constraints: row-local or replicated, so exact per shard (units: SAEBase) ----------
-    @torch.no_grad()
-    def project_decoder_grad(self) -> None:
-        """Remove each decoder row's radial gradient component (rows are local: no comms)."""
-        w, g = self.decoder_weight, self.decoder_weight.grad
-        if g is not None:
-            g.copy_(project_out_radial(g, w))
+    group = None
+
+    def sharded_rows(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def whole_blueprint(self):
+        raise NotImplementedError
 
     def sharded_parameters(self) -> list[nn.Parameter]:
-        return [self.encoder_weight, self.encoder_bias, self.decoder_weight]
+        named = dict(self.named_parameters())
+        return [named[name] for name in self.sharded_rows() if name in named]
 
     def replicated_parameters(self) -> list[nn.Parameter]:
-        return [self.b_dec]
-
-    # -- math -----------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor, k: int | None = None, latent_mask: torch.Tensor | None = None):
-        """(values [B, k_loc], global indices [B, k_loc]) of this shard's latents in the global
-        top k (values 0 elsewhere). latent_mask: this shard's [n_local] bool mask (e.g. dead
-        latents for AuxK); pass mask[start:end] of a global mask."""
-        k = k or self.k
-        k_loc = min(k, self.n_local)
-        x, offset = self._encoder_inputs(x)
-        values, idx = kernels.topk_encode(x, self.encoder_weight, self.encoder_bias, offset, k_loc,
-                                          use_abs=self.use_abs, latent_mask=latent_mask, backend=self.backend)
-        score = values.detach().abs() if self.use_abs else values.detach()
-        keep = _global_keep(score, idx, k, self.group, self.rank, self.world)
-        values = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
-        return values, idx + self.start
-
-    def decode(self, values: torch.Tensor, indices: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        """Full x_hat from this shard's codes (global indices): local sparse decode, one
-        all_reduce(sum), + b_dec (replicated)."""
-        partial = kernels.sparse_decode(values, indices - self.start, self.decoder_weight, backend=self.backend)
-        out = _ReduceFromShards.apply(partial, self.group)
-        return out + self.b_dec if with_bias else out
-
-    def forward(self, x: torch.Tensor, k: int | None = None, batch=None) -> ShardedSAEOutput:
-        values, indices = self.encode(x, k)
-        return ShardedSAEOutput(self.decode(values, indices), values, indices, start=self.start)
-
-    def _encoder_inputs(self, x: torch.Tensor):
-        """(x, encoder offset), through _CopyToShards when they need gradients: each shard's
-        encoder sees only its latents, so their gradients are summed over the group."""
-        offset = self.input_offset()
-        if torch.is_grad_enabled():
-            needs = [t for t in (x, offset) if t.requires_grad]
-            if needs:
-                copied = _CopyToShards.apply(self.group, *needs)
-                copied = iter(copied if isinstance(copied, tuple) else (copied,))
-                x = next(copied) if x.requires_grad else x
-                offset = next(copied) if offset.requires_grad else offset
-        return x, offset
-
-    def encode_rows(self, x: torch.Tensor, rows: torch.Tensor, k: int):
-        """Global top k among the latents `rows` only (global ids, the same on every rank; e.g.
-        AuxK's dead latents): (values [B, k], global indices [B, k]), values 0 in slots not kept.
-        Each shard multiplies only its own rows of `rows` (cost B*d*len(rows)/W, not another
-        full encoder pass). Every rank must call it, also without local rows: it joins the
-        candidate gather and, in backward, b_dec's gradient reduce."""
-        local = rows[(rows >= self.start) & (rows < self.end)] - self.start
-        x, offset = self._encoder_inputs(x)
-        B, k_here = x.shape[0], min(k, local.numel())
-        dtype = torch.promote_types(x.dtype, self.encoder_weight.dtype)  # the kernel's value dtype
-        values = x.new_zeros(B, k, dtype=dtype)
-        idx = torch.zeros(B, k, dtype=torch.long, device=x.device)
-        score = torch.full((B, k), -1.0, dtype=dtype, device=x.device)  # padding: below every real score
-        if k_here:
-            v, sub = kernels.topk_encode(x, self.encoder_weight[local], self.encoder_bias[local], offset, k_here,
-                                         use_abs=self.use_abs, backend=self.backend)
-            values = torch.cat([v, values[:, k_here:]], dim=1)
-            idx[:, :k_here] = local[sub]
-            score[:, :k_here] = v.detach().abs() if self.use_abs else v.detach()
-        elif offset.requires_grad:
-            values = values + 0 * offset.sum()  # b_dec's backward reduce must run on every rank
-        keep = _global_keep(score, idx, k, self.group, self.rank, self.world)
-        values = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
-        return values, idx + self.start
-
-    def after_step(self, out) -> None:
-        """TopK/AbsTopK keep no state between steps (the trainer calls this like TopKSAE's)."""
+        sharded = set(self.sharded_rows())
+        return [p for name, p in self.named_parameters() if name not in sharded]
 
     # -- group-wide helpers ---------------------------------------------------------------
     def tp_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -395,6 +313,132 @@ class LatentShardedTopK(SAEBase):
             p.grad.copy_(flat[pos : pos + p.numel()].view_as(p))
             pos += p.numel()
 
+
+
+@dataclass
+class ShardedSAEOutput(SAEOutput):
+    """SAEOutput of a latent shard: x_hat is the full (replicated) reconstruction; values and
+    indices are THIS shard's slots [B, k_loc] (values 0 where a slot is not in the global top k;
+    indices are global latent ids, `local_indices` = indices - start)."""
+
+    start: int = 0
+
+    @property
+    def local_indices(self) -> torch.Tensor:
+        return self.indices - self.start
+
+
+# -- the sharded module ---------------------------------------------------------------------
+class LatentShardedTopK(LatentShard, SAEBase):
+    """One rank's shard of a TopK (or AbsTopK) SAE/transcoder, split over latents.
+
+    Parameters (same names as TopKSAE, so optimizers, project/renorm and state_dicts work
+    per shard): encoder_weight [n/W, d_in], encoder_bias [n/W], decoder_weight [n/W, d_out]
+    sharded; b_dec [d_out] replicated. Every rank of `group` must call every method that
+    communicates (forward, encode, decode, clip_grad_norm_, tp_sum, gather_*) in the same order.
+    """
+
+    def __init__(self, d_in: int, n_latents: int, k: int, *, group=None, rank: int | None = None,
+                 world: int | None = None, d_out: int | None = None, use_abs: bool = False,
+                 kind: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device=None, backend: str = "auto"):
+        super().__init__()
+        self.group = group
+        if dist.is_available() and dist.is_initialized():
+            g_rank, g_world = shard_group(group)
+            if (rank is not None and rank != g_rank) or (world is not None and world != g_world):
+                raise ValueError(f"rank/world ({rank}, {world}) disagree with the process group "
+                                 f"({g_rank}, {g_world})")
+            rank, world = g_rank, g_world
+        elif rank is None and world is None:
+            rank, world = 0, 1  # no process group: one shard, no collectives (a plain TopK SAE)
+        elif rank is None or world is None:
+            raise ValueError("torch.distributed is not initialised: pass both rank and world (then only "
+                             "world=1 or local methods work), or init the process group first")
+        self.rank, self.world = rank, world
+        self.start, self.end = shard_range(n_latents, rank, world)
+        self.n_latents, self.n_local, self.k = n_latents, self.end - self.start, k
+        self.use_abs = use_abs
+        self.kind = kind or ("abstopk" if use_abs else "topk")
+        self.backend = backend
+        # Fresh init of this shard only (a full model never exists): the draw depends on
+        # (seed, rank): statistically like TopKSAE's init, not the same numbers; use
+        # `from_full` to shard a given model exactly.
+        g = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        self._make_parameters(self.n_local, d_in, d_out or d_in, d_out is not None, g, dtype, device)
+
+    # -- constraints: row-local or replicated, so exact per shard (units: SAEBase) ----------
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove each decoder row's radial gradient component (rows are local: no comms)."""
+        w, g = self.decoder_weight, self.decoder_weight.grad
+        if g is not None:
+            g.copy_(project_out_radial(g, w))
+
+    def sharded_rows(self) -> dict[str, int]:
+        return {"encoder_weight": 1, "encoder_bias": 1, "decoder_weight": 1}
+
+    def whole_blueprint(self) -> TopKSAE:
+        with torch.device("meta"):  # no n x d random init just to overwrite it
+            return SAE_KINDS[self.kind](self.d_in, self.n_latents, self.k, d_out=self.d_out if self.is_transcoder else None)
+
+    # -- math -----------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, k: int | None = None, latent_mask: torch.Tensor | None = None):
+        """(values [B, k_loc], global indices [B, k_loc]) of this shard's latents in the global
+        top k (values 0 elsewhere). latent_mask: this shard's [n_local] bool mask (e.g. dead
+        latents for AuxK); pass mask[start:end] of a global mask."""
+        k = k or self.k
+        k_loc = min(k, self.n_local)
+        x, offset = self._encoder_inputs(x)
+        values, idx = kernels.topk_encode(x, self.encoder_weight, self.encoder_bias, offset, k_loc,
+                                          use_abs=self.use_abs, latent_mask=latent_mask, backend=self.backend)
+        score = values.detach().abs() if self.use_abs else values.detach()
+        keep = _global_keep(score, idx, k, self.group, self.rank, self.world)
+        values = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        return values, idx + self.start
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """Full x_hat from this shard's codes (global indices): local sparse decode, one
+        all_reduce(sum), + b_dec (replicated)."""
+        partial = kernels.sparse_decode(values, indices - self.start, self.decoder_weight, backend=self.backend)
+        out = _ReduceFromShards.apply(partial, self.group)
+        return out + self.b_dec if with_bias else out
+
+    def forward(self, x: torch.Tensor, k: int | None = None, batch=None) -> ShardedSAEOutput:
+        values, indices = self.encode(x, k)
+        return ShardedSAEOutput(self.decode(values, indices), values, indices, start=self.start)
+
+    def _encoder_inputs(self, x: torch.Tensor):
+        return copy_inputs_to_shards(self.group, x, self.input_offset())
+
+    def encode_rows(self, x: torch.Tensor, rows: torch.Tensor, k: int):
+        """Global top k among the latents `rows` only (global ids, the same on every rank; e.g.
+        AuxK's dead latents): (values [B, k], global indices [B, k]), values 0 in slots not kept.
+        Each shard multiplies only its own rows of `rows` (cost B*d*len(rows)/W, not another
+        full encoder pass). Every rank must call it, also without local rows: it joins the
+        candidate gather and, in backward, b_dec's gradient reduce."""
+        local = rows[(rows >= self.start) & (rows < self.end)] - self.start
+        x, offset = self._encoder_inputs(x)
+        B, k_here = x.shape[0], min(k, local.numel())
+        dtype = torch.promote_types(x.dtype, self.encoder_weight.dtype)  # the kernel's value dtype
+        values = x.new_zeros(B, k, dtype=dtype)
+        idx = torch.zeros(B, k, dtype=torch.long, device=x.device)
+        score = torch.full((B, k), -1.0, dtype=dtype, device=x.device)  # padding: below every real score
+        if k_here:
+            v, sub = kernels.topk_encode(x, self.encoder_weight[local], self.encoder_bias[local], offset, k_here,
+                                         use_abs=self.use_abs, backend=self.backend)
+            values = torch.cat([v, values[:, k_here:]], dim=1)
+            idx[:, :k_here] = local[sub]
+            score[:, :k_here] = v.detach().abs() if self.use_abs else v.detach()
+        elif offset.requires_grad:
+            values = values + 0 * offset.sum()  # b_dec's backward reduce must run on every rank
+        keep = _global_keep(score, idx, k, self.group, self.rank, self.world)
+        values = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        return values, idx + self.start
+
+    def after_step(self, out) -> None:
+        """TopK/AbsTopK keep no state between steps (the trainer calls this like TopKSAE's)."""
+
     def shard_meta(self) -> dict:
         """What a per-rank (sharded) checkpoint needs besides state_dict()."""
         return {"rank": self.rank, "world": self.world, "start": self.start, "end": self.end,
@@ -403,9 +447,8 @@ class LatentShardedTopK(SAEBase):
 
 
 # -- conversion from / to a full model ----------------------------------------------------
-def from_full(sae: TopKSAE, rank: int | None = None, world: int | None = None, group=None,
-              backend: str = "auto") -> LatentShardedTopK:
-    """This rank's shard of a full TopKSAE/AbsTopKSAE (parameters copied, same dtype/device)."""
+def _topk_shard(sae: TopKSAE, group=None, backend: str = "auto", rank: int | None = None,
+                world: int | None = None) -> LatentShardedTopK:
     if type(sae).forward is not TopKSAE.forward:
         raise ValueError(f"{type(sae).__name__} overrides forward(); only TopK selection is sharded")
     kind = next((name for name in SAE_KINDS if SAE_KINDS[name] is type(sae)), None)
@@ -417,10 +460,30 @@ def from_full(sae: TopKSAE, rank: int | None = None, world: int | None = None, g
     return shard
 
 
-def shard_state(shard: LatentShardedTopK, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This rank's part of a whole model's state_dict (TopKSAE names): rows [start, end) of the
+SHARD_LAYOUTS.register("topk")(_topk_shard)
+SHARD_LAYOUTS.register("abstopk")(_topk_shard)
+
+
+def from_full(sae, rank: int | None = None, world: int | None = None, group=None, backend: str = "auto"):
+    """This rank's shard of a whole SAE of a shardable kind (parameters copied, same dtype and
+    device; `rank`/`world` only for TopK without a process group)."""
+    kind = next((name for name in SHARD_LAYOUTS if SAE_KINDS[name] is type(sae)), None)
+    if kind is None:
+        raise ValueError(f"{type(sae).__name__} has no latent-shard layout (shardable kinds: {sorted(SHARD_LAYOUTS)})")
+    extra = {"rank": rank, "world": world} if rank is not None or world is not None else {}
+    return SHARD_LAYOUTS[kind](sae, group=group, backend=backend, **extra)
+
+
+def _take_rows(t: torch.Tensor, groups: int, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of each of the `groups` equal row groups of t."""
+    return t.reshape(groups, -1, *t.shape[1:])[:, start:end].reshape(-1, *t.shape[1:])
+
+
+def shard_state(shard: LatentShard, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's part of a whole model's state_dict (the whole kind's names): its rows of the
     sharded tensors, the replicated ones as they are. Inverse of gather_state."""
-    return {k: v[shard.start : shard.end] if k in SHARDED_TENSORS else v for k, v in state.items()}
+    rows = shard.sharded_rows()
+    return {k: _take_rows(v, rows[k], shard.start, shard.end) if k in rows else v for k, v in state.items()}
 
 
 def gather_tensor(local: torch.Tensor, group, world: int, dst: int | None = None) -> torch.Tensor | None:
@@ -438,59 +501,69 @@ def gather_tensor(local: torch.Tensor, group, world: int, dst: int | None = None
     return torch.cat(parts) if me == dst else None
 
 
-def gather_state(shard: LatentShardedTopK, dst: int | None = None) -> dict[str, torch.Tensor] | None:
-    """The full model's state_dict (TopKSAE names) on every rank, or on group rank dst only."""
-    state = {}
-    for name in SHARDED_TENSORS:
-        state[name] = gather_tensor(getattr(shard, name), shard.group, shard.world, dst)
+def _gather_rows(local: torch.Tensor, groups: int, shard: LatentShard, dst: int | None) -> torch.Tensor | None:
+    """Inverse of _take_rows over the group: every rank's rows, group by group."""
+    parts = gather_tensor(local, shard.group, shard.world, dst)  # [world * groups * rows, ...]
+    if parts is None or groups == 1:
+        return parts
+    return parts.reshape(shard.world, groups, -1, *local.shape[1:]).transpose(0, 1).reshape(-1, *local.shape[1:])
+
+
+def gather_state(shard: LatentShard, dst: int | None = None) -> dict[str, torch.Tensor] | None:
+    """The whole model's state_dict on every rank, or on group rank dst only."""
+    rows = shard.sharded_rows()
+    local = shard.state_dict()
+    state = {k: _gather_rows(local[k], groups, shard, dst) for k, groups in rows.items()}
     if dst is not None and shard.rank != dst:
         return None
-    state.update(b_dec=shard.b_dec.detach().clone(), input_scale=shard.input_scale.clone(),
-                 output_scale=shard.output_scale.clone())
-    return state
+    state.update({k: v.detach().clone() for k, v in local.items() if k not in rows})
+    return {k: state[k] for k in local}
 
 
-def gather_full(shard: LatentShardedTopK, dst: int | None = None) -> TopKSAE | None:
-    """Reassemble the full TopKSAE (or AbsTopKSAE) for export / single-device checkpoints; on
-    every rank, or on group rank dst only (None elsewhere)."""
+def gather_full(shard: LatentShard, dst: int | None = None):
+    """Reassemble the whole SAE for export / single-device checkpoints; on every rank, or on
+    group rank dst only (None elsewhere)."""
     state = gather_state(shard, dst)
     if state is None:
         return None
-    with torch.device("meta"):  # no n x d random init just to overwrite it
-        sae = SAE_KINDS[shard.kind](shard.d_in, shard.n_latents, shard.k,
-                                    d_out=shard.d_out if shard.is_transcoder else None)
+    sae = shard.whole_blueprint()
     sae.load_state_dict(state, assign=True)
     return sae
 
 
-def _map_row_states(shard: LatentShardedTopK, opt_state: dict, rows: int, fn) -> dict:
+def _map_row_states(shard: LatentShard, opt_state: dict, whole: bool, fn) -> dict:
     """Copy of a torch optimizer state_dict (of an optimizer over list(shard.parameters())) with
-    fn(t) applied to each state tensor that follows a sharded parameter row by row (Adam's
-    moments, schedule-free's z: shape [rows, *param.shape[1:]]); step counters, hyperparameters
-    and the replicated b_dec's state stay as they are. Same order on every rank."""
+    fn(t, groups) applied to each state tensor that follows a sharded parameter row by row (Adam's
+    moments, schedule-free's z: the parameter's shape, local or (`whole`) the whole model's); step
+    counters, hyperparameters and the replicated parameters' state stay as they are. Same order
+    on every rank."""
+    rows = shard.sharded_rows()
+    names = [name for name, _ in shard.named_parameters()]
     params = list(shard.parameters())
-    sharded = {i for i, p in enumerate(params) if any(p is q for q in shard.sharded_parameters())}
     out = {**opt_state, "state": {}}
     for i, st in opt_state["state"].items():
-        shape = (rows, *params[i].shape[1:])
-        out["state"][i] = {key: fn(v) if i in sharded and torch.is_tensor(v) and tuple(v.shape) == shape else v
+        groups = rows.get(names[i])
+        shape = tuple(params[i].shape)
+        if groups is not None and whole:
+            shape = (shape[0] * shard.world, *shape[1:])
+        out["state"][i] = {key: fn(v, groups) if groups and torch.is_tensor(v) and tuple(v.shape) == shape else v
                            for key, v in st.items()}
     return out
 
 
-def gather_optimizer_state(shard: LatentShardedTopK, state: dict, dst: int | None = 0) -> dict | None:
+def gather_optimizer_state(shard: LatentShard, state: dict, dst: int | None = 0) -> dict | None:
     """A runner's {"optimizer": state_dict, ...} in the whole model's layout, as an unsharded run
-    would save it: the per-row state of the sharded parameters concatenated over the group, on
+    would save it: the per-row state of the sharded parameters gathered over the group, on
     group rank dst (None elsewhere; on every rank with dst=None). Collective."""
-    gather = lambda t: gather_tensor(t, shard.group, shard.world, dst)  # noqa: E731
-    whole = {**state, "optimizer": _map_row_states(shard, state["optimizer"], shard.n_local, gather)}
+    gather = lambda t, groups: _gather_rows(t, groups, shard, dst)  # noqa: E731
+    whole = {**state, "optimizer": _map_row_states(shard, state["optimizer"], False, gather)}
     return whole if dst is None or shard.rank == dst else None
 
 
-def shard_optimizer_state(shard: LatentShardedTopK, state: dict) -> dict:
+def shard_optimizer_state(shard: LatentShard, state: dict) -> dict:
     """Inverse of gather_optimizer_state: this rank's rows of a whole-layout optimizer state."""
-    take = lambda t: t[shard.start : shard.end].clone()  # noqa: E731
-    return {**state, "optimizer": _map_row_states(shard, state["optimizer"], shard.n_latents, take)}
+    take = lambda t, groups: _take_rows(t, groups, shard.start, shard.end).clone()  # noqa: E731
+    return {**state, "optimizer": _map_row_states(shard, state["optimizer"], True, take)}
 
 
 # -- 2-D (dp, tp) mesh ----------------------------------------------------------------------

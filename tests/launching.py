@@ -257,3 +257,41 @@ class Nodes:
         for ns in self._made:  # deleting a namespace deletes its end of the veth, and so the pair
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+
+
+def torchrun_train(nproc: int, config: Path, timeout: int = 300) -> str:
+    """`sparsemill train CONFIG` under torchrun on this machine (gloo); its stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "framework", "train", str(config), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stderr
+
+
+def resumable_copy(config: Path, name: str, drop_step: int) -> Path:
+    """A copy of CONFIG's finished run without its checkpoint of `drop_step` (so training resumes
+    from the one before), and a config beside CONFIG that trains it: that config's path."""
+    import yaml  # noqa: PLC0415
+
+    cfg = yaml.safe_load(config.read_text())
+    again = Path(cfg["run_dir"]).parent / name
+    shutil.copytree(cfg["run_dir"], again)
+    shutil.rmtree(again / "checkpoints" / f"step_{drop_step:08d}")
+    cfg["run_dir"] = str(again)
+    path = config.parent / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def write_config(root: Path, name: str, cfg: dict) -> Path:
+    """cfg as ROOT/NAME.yaml: its path."""
+    import yaml  # noqa: PLC0415
+
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def saved_tensors(run: Path, step: int, sae: str) -> dict:
+    """The tensors SAE's checkpoint of `step` holds (weights, counters)."""
+    return load_file(str(run / "checkpoints" / f"step_{step:08d}" / f"{sae}.safetensors"))

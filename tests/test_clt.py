@@ -1,6 +1,6 @@
-"""Cross-layer transcoders (kind clt): config errors, the math against a dense reference,
-training end to end through `sparsemill train` on tiny-gpt2 (replacement-model and per-layer
-metrics), bitwise resume, and circuit-tracer's own CLT loader on our export."""
+"""Cross-layer transcoders (kinds clt and jumprelu_clt): config errors, the math against a
+dense reference, training end to end through `sparsemill train` on tiny-gpt2 (replacement-model
+and per-layer metrics), bitwise resume, and circuit-tracer's own CLT loader on our export."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ from framework import checkpoint, clt_export, export
 from framework.cli import main
 from framework.config import ConfigError, load_config
 from framework.kinds import build_sae
+from framework.losses import TrainingBatch
 from framework.train import train
 
 if not hasattr(huggingface_hub.constants, "HF_HUB_ENABLE_HF_TRANSFER"):  # see tests/test_circuit_tracer_export.py
     huggingface_hub.constants.HF_HUB_ENABLE_HF_TRANSFER = False
 
 LAYERS, D = 4, 64  # tiny-gpt2
+KINDS = ["clt", "jumprelu_clt"]
 
 
 def _cfg(tmp_path: Path, text_dir: Path, **sae) -> Path:
@@ -46,6 +48,9 @@ def _cfg(tmp_path: Path, text_dir: Path, **sae) -> Path:
     ({"options": {}}, "saes.0.options.layers: required for kind clt"),
     ({"site": "blocks.0.resid_post"}, "saes.0.site: kind clt reads and writes the sites of saes.0.options.layers"),
     ({"skip_connection": True}, "saes.0.skip_connection: not supported for kind clt"),
+    ({"kind": "jumprelu_clt", "options": {"layers": "0-3", "l0_coef": 0.1, "target_l0": 4}},
+     "saes.0.options.l0_coef / options.target_l0: give one"),
+    ({"kind": "jumprelu_clt", "options": {"layers": [0, 2]}}, "saes.0.options.layers: [0, 2] is not contiguous"),
     ({"kind": "topk", "site": "blocks.1.resid_post", "options": {}, "skip_connection": True},
      "saes.0.skip_connection: a skip connection maps the input site"),
 ])
@@ -61,32 +66,66 @@ def test_layers_beyond_the_model_fail_before_training(tmp_path, text_dir):
         train(cfg)
 
 
-def _dense_reference(sae, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Float64 per-layer relu + top k, and every latent of layer i decoded into layers >= i."""
-    n, m, d = sae.n_layers, sae.per_layer, sae.d_model
-    out = sae.b_dec.double().expand(x.shape[0], -1).clone()
-    pres = []
-    for i in range(n):
-        pre = x[:, i * d:(i + 1) * d].double() @ sae.encoder_weight[i * m:(i + 1) * m].double().T
+def _dense_codes(sae, xn: torch.Tensor) -> list[torch.Tensor]:
+    """Float64 per-layer codes [B, per_layer] of a CLT on normalised input: relu + top k (clt),
+    pre where pre > theta (jumprelu_clt)."""
+    m, d = sae.per_layer, sae.d_model_in
+    codes = []
+    for i in range(sae.n_layers):
+        pre = xn[:, i * d:(i + 1) * d].double() @ sae.encoder_weight[i * m:(i + 1) * m].double().T
         pre = pre + sae.encoder_bias[i * m:(i + 1) * m].double()
-        pres.append(pre.relu())
-        v, j = pre.relu().topk(sae.k, dim=1)
-        out[:, i * d:] += torch.zeros_like(pre).scatter(1, j, v) @ sae.decoders[i].double().flatten(1)
-    return out, pres
+        if sae.export_activation == "jumprelu":
+            codes.append(torch.where(pre > sae.threshold()[i * m:(i + 1) * m].double(), pre, 0))
+        else:
+            v, j = pre.relu().topk(sae.k, dim=1)
+            codes.append(torch.zeros_like(pre).scatter(1, j, v))
+    return codes
 
 
-def test_clt_math_matches_a_dense_reference_and_the_layerwise_splice():
-    sae = build_sae("clt", 3 * 16, 32, 4, d_out=3 * 16, seed=1, options={"layers": [1, 2, 3]})
+def _agreeing_rows(sae, out, xn: torch.Tensor) -> torch.Tensor:
+    """Rows whose selection in every layer is away from a near-tie (top k) or a threshold
+    (JumpReLU): another path may round those either way (tests/_selection.py)."""
+    m, d = sae.per_layer, sae.d_model_in
+    agree = torch.ones(xn.shape[0], dtype=torch.bool)
+    for i in range(sae.n_layers):
+        pre = (xn[:, i * d:(i + 1) * d].double() @ sae.encoder_weight[i * m:(i + 1) * m].double().T
+               + sae.encoder_bias[i * m:(i + 1) * m].double())
+        if sae.export_activation == "jumprelu":
+            agree &= ((pre - sae.threshold()[i * m:(i + 1) * m].double()).abs() > 1e-5).all(1)
+        else:
+            layer = (out.indices // m) == i
+            ids = out.indices[layer].view(-1, sae.k) - i * m
+            agree &= assert_same_topk(ids, pre, sae.k)
+    return agree
+
+
+def _as_dense(sae, out, i: int) -> torch.Tensor:
+    """Layer i's codes of an SAEOutput, dense [B, per_layer]."""
+    m = sae.per_layer
+    mine = (out.indices // m) == i
+    return torch.zeros(out.values.shape[0], m, dtype=out.values.dtype).scatter_add(
+        1, torch.where(mine, out.indices - i * m, 0), torch.where(mine, out.values, 0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_clt_math_matches_a_dense_reference_and_the_layerwise_splice(kind):
+    sae = build_sae(kind, 3 * 16, 32, 4, d_out=3 * 16, seed=1, options={"layers": [1, 2, 3]})
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.encoder_bias.normal_()
         sae.b_dec.normal_()
-    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    sae.init_from_sample(x, x, False, "zeros")  # JumpReLU: thresholds where the sample fires k per layer
+    sae.eval()
     out = sae(x)
-    ref, pres = _dense_reference(sae, x)
-    agree = torch.ones(64, dtype=torch.bool)
-    for i, pre in enumerate(pres):
-        agree &= assert_same_topk(out.indices[:, 4 * i:4 * (i + 1)] - 32 * i, pre, 4)
+    codes = _dense_codes(sae, x)
+    agree = _agreeing_rows(sae, out, x)
     assert agree.float().mean() > 0.9
+    ref = sae.b_dec.double().expand(64, -1).clone()
+    for i, code in enumerate(codes):
+        torch.testing.assert_close(_as_dense(sae, out, i)[agree].double(), code[agree], rtol=1e-5, atol=1e-5)
+        ref[:, 16 * i:] += code @ sae.decoders[i].double().flatten(1)
+    if kind == "jumprelu_clt":  # the thresholds started where the sample fires about k latents per layer
+        assert 0.5 * 3 * 4 < (out.values != 0).sum(1).float().mean() < 2 * 3 * 4
     torch.testing.assert_close(out.x_hat[agree].double(), ref[agree], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae.decode(out.values, out.indices), out.x_hat)  # the generic (AuxK) decode
     predict = sae.splice_predictor()  # layer by layer, as the replacement forward calls it
@@ -94,11 +133,26 @@ def test_clt_math_matches_a_dense_reference_and_the_layerwise_splice():
     assert [p.shape for p in sae.decoders] == [(32, 3, 16), (32, 2, 16), (32, 1, 16)]  # n(n+1)/2 blocks
 
 
-def _straight_and_stopped(tmp_path: Path, text_dir: Path, monkeypatch, stop_step: int) -> None:
+def test_jumprelu_clt_trains_its_thresholds_through_the_kernel_window():
+    """The training forward keeps only candidates above theta - eps/2; the thresholds and the
+    encoder get gradient, and the penalty is the L0 summed over layers."""
+    sae = build_sae("jumprelu_clt", 3 * 16, 32, 4, d_out=3 * 16, seed=1, options={"layers": [0, 1, 2]})
+    x, y = (torch.randn(128, 48, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    sae.init_from_sample(x, y, True, "mean")
+    out = sae(sae.normalize_input(x), batch=TrainingBatch(target=sae.normalize_target(y)))
+    loss = sae.reconstruction_loss(out.x_hat, TrainingBatch(target=sae.normalize_target(y))) + out.losses["l0"]
+    loss.backward()
+    assert sae.log_threshold.grad.abs().sum() > 0 and sae.encoder_weight.grad.abs().sum() > 0
+    l0 = float((out.values != 0).sum(1).float().mean())
+    assert out.losses["l0"].item() == pytest.approx(sae.coefficient().item() * l0, rel=1e-5)
+    assert sae.target_l0() == 3 * 4
+
+
+def _straight_and_stopped(tmp_path: Path, text_dir: Path, monkeypatch, stop_step: int, kind: str) -> None:
     from framework import train as train_module  # noqa: PLC0415
     from framework.preemption import Preempted  # noqa: PLC0415
 
-    path = _cfg(tmp_path, text_dir)
+    path = _cfg(tmp_path, text_dir, kind=kind)
     assert main(["train", str(path), "--quiet", "--run-dir", str(tmp_path / "straight")]) == 0
     calls = iter(range(1, 10**6))
     monkeypatch.setattr(train_module.PreemptionFlag, "should_stop", lambda self, engine: next(calls) == stop_step)
@@ -108,11 +162,12 @@ def _straight_and_stopped(tmp_path: Path, text_dir: Path, monkeypatch, stop_step
     train(load_config(path, [f"run_dir={tmp_path / 'stopped'}"]))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, text_dir) -> Path:
-    root = tmp_path_factory.mktemp("clt")
+@pytest.fixture(scope="module", params=KINDS)
+def runs(request, tmp_path_factory, text_dir) -> Path:
+    root = tmp_path_factory.mktemp(request.param)
     with pytest.MonkeyPatch.context() as mp:
-        _straight_and_stopped(root, text_dir, mp, stop_step=3)
+        _straight_and_stopped(root, text_dir, mp, stop_step=3, kind=request.param)
+    (root / "kind").write_text(request.param)
     return root
 
 
@@ -122,8 +177,9 @@ def _final(run: Path) -> Path:
 
 def test_trains_end_to_end_with_replacement_and_per_layer_metrics(runs):
     m = json.loads((runs / "straight" / "eval.json").read_text())["clt"]
+    topk = (runs / "kind").read_text() == "clt"
     for L in range(LAYERS):
-        assert 0 < m[f"fvu.layer{L}"] < 1 and 0 < m[f"l0.layer{L}"] <= 4
+        assert 0 < m[f"fvu.layer{L}"] < 1 and 0 < m[f"l0.layer{L}"] and (m[f"l0.layer{L}"] <= 4 or not topk)
     assert m["l0"] == pytest.approx(sum(m[f"l0.layer{L}"] for L in range(LAYERS)))
     assert m["fvu_layer_mean"] == pytest.approx(sum(m[f"fvu.layer{L}"] for L in range(LAYERS)) / LAYERS)
     for key in ("delta_ce", "kl", "ce_recovered", "ce_zero_ablated"):
@@ -141,11 +197,9 @@ def test_resume_is_bitwise(runs):
 
 def _trained(run: Path):
     """The checkpoint's CLT in training units (its own scales): not through the export."""
-    from framework.kinds import parse_options  # noqa: F401, PLC0415
-
     tensors = checkpoint.read_saved(_final(run), "clt").shared.tensors
     weights = {k[len("sae."):]: tensors[k] for k in tensors.keys() if k.startswith("sae.")}
-    sae = build_sae("clt", LAYERS * D, 48, 4, d_out=LAYERS * D, options={"layers": "0-3"})
+    sae = build_sae((run.parent / "kind").read_text(), LAYERS * D, 48, 4, d_out=LAYERS * D, options={"layers": "0-3"})
     sae.load_state_dict(weights)
     return sae.eval()
 
@@ -156,24 +210,23 @@ def test_circuit_tracer_loads_our_clt_and_computes_the_same(runs, tmp_path):
     assert ct_cfg["model_kind"] == "cross_layer_transcoder" and ct_cfg["feature_input_hook"] == "hook_resid_mid"
     clt = clt_export.circuit_tracer_clt(folder)
     assert (clt.n_layers, clt.d_transcoder, clt.d_model) == (LAYERS, 48, D)
+    jumprelu = (runs / "kind").read_text() == "jumprelu_clt"
+    assert (type(clt.activation_function).__name__ == "JumpReLU") == jumprelu  # circuit-tracer's own, from the files
     ours = _trained(runs / "straight")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, LAYERS * D, generator=g) / ours.input_scale.repeat_interleave(D)  # raw-scale inputs
     with torch.no_grad():
         theirs_codes = clt.encode(x.view(-1, LAYERS, D).transpose(0, 1))  # [layers, B, d_sae]
         theirs = clt.decode(theirs_codes.to_sparse()).transpose(0, 1).reshape(256, -1)
-        out = ours(ours.normalize_input(x))
+        xn = ours.normalize_input(x)
+        out = ours(xn)
         mine = ours.reconstruct(x)
-    agree = torch.ones(256, dtype=torch.bool)
-    xn = ours.normalize_input(x)
+    agree = _agreeing_rows(ours, out, xn)
+    assert agree.float().mean() > 0.9
     for i in range(LAYERS):
-        pre = (xn[:, i * D:(i + 1) * D].double() @ ours.encoder_weight[i * 48:(i + 1) * 48].double().T
-               + ours.encoder_bias[i * 48:(i + 1) * 48].double())
-        agree &= assert_same_topk(out.indices[:, 4 * i:4 * (i + 1)] - 48 * i, pre, 4)
-        dense = torch.zeros(256, 48).scatter(1, out.indices[:, 4 * i:4 * (i + 1)] - 48 * i, out.values[:, 4 * i:4 * (i + 1)])
+        dense = _as_dense(ours, out, i)
         err = (theirs_codes[i][agree] - dense[agree]).abs().max() / dense[agree].abs().max()
         assert err <= 1e-5, (i, err)
-    assert agree.float().mean() > 0.9
     rel = ((theirs[agree] - mine[agree]).abs().max() / mine[agree].abs().max()).item()
     assert rel <= 1e-5, rel
     reloaded = export.load_exported(folder)  # our own loader of the same files

@@ -7,18 +7,15 @@ parallel; a tiny LLM run (SAE + transcoder) agrees too; impossible layouts fail 
 model loads, and a checkpoint does not resume under another number of shards."""
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from framework.cli import main
+from launching import resumable_copy, saved_tensors, torchrun_train, write_config
 from framework.config import ConfigError, load_config
 from framework.export import folded_tensors, load_exported
 from framework import checkpoint
@@ -29,15 +26,6 @@ from framework.placement import check_layout
 SAE = {"name": "s", "n_latents": 128, "k": 4, "dead_after_tokens": 128, "aux_k": 8}  # dead after 1 batch
 STEPS = 8  # fp32: the shards sum x_hat in another order; over long runs a near-tie in some
 # token's top k eventually flips (as between any two summation orders), so the runs are short
-
-
-def _torchrun(nproc: int, config: Path, timeout: int = 300) -> str:
-    """Train under torchrun; its stderr."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "framework", "train", str(config), "--quiet"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stderr
 
 
 def _activations(folder: Path) -> Path:
@@ -57,13 +45,7 @@ def _config(root: Path, name: str, acts: Path, accumulation: int = 1, **dist) ->
                      "warmup_steps": 2, "checkpoint_every": STEPS // 2, "grad_accumulation_steps": accumulation},
            "eval": {"tokens": 512}, "log": {"progress": False, "every_steps": 4, "tensorboard": False},
            "dist": dist}
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _checkpoint(run: Path, step: int) -> dict:
-    return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "s.safetensors"))
+    return write_config(root, name, cfg)
 
 
 def _optimizer(run: Path, step: int):
@@ -79,7 +61,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent_shards")
     acts = _activations(root / "acts")
     assert main(["train", str(_config(root, "one", acts)), "--quiet"]) == 0
-    _torchrun(2, _config(root, "sharded", acts, latent_shards=2))
+    torchrun_train(2, _config(root, "sharded", acts, latent_shards=2))
     return root
 
 
@@ -87,12 +69,12 @@ def runs(tmp_path_factory):
 def test_two_latent_shards_train_what_one_process_trains(runs):
     one, sharded = runs / "one", runs / "sharded"
     for step in (STEPS // 2, STEPS):
-        a, b = _checkpoint(one, step), _checkpoint(sharded, step)
+        a, b = saved_tensors(one, step, "s"), saved_tensors(sharded, step, "s")
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # whole tensors, gathered
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"step {step} {k}")
         print(f"step {step}: max |w(2 latent shards) - w(1 process)| = {_max_diff(a, b):.3g}")
-    half = _checkpoint(one, STEPS // 2)
+    half = saved_tensors(one, STEPS // 2, "s")
     assert (half["tokens_since_fired"] >= SAE["dead_after_tokens"]).any()  # dead latents: AuxK ran
     state = [_optimizer(run, STEPS) for run in (one, sharded)]
     assert state[0].settings["scheduler"] == state[1].settings["scheduler"]
@@ -108,7 +90,7 @@ def test_two_latent_shards_train_what_one_process_trains(runs):
 
 @pytest.mark.slow
 def test_export_of_the_sharded_run_is_the_gathered_sae(runs):
-    weights = {k[4:]: v for k, v in _checkpoint(runs / "sharded", STEPS).items() if k.startswith("sae.")}
+    weights = {k[4:]: v for k, v in saved_tensors(runs / "sharded", STEPS, "s").items() if k.startswith("sae.")}
     sae = build_sae("topk", 16, SAE["n_latents"], SAE["k"])
     sae.load_state_dict(weights)
     exported = load_file(str(runs / "sharded" / "export" / "s" / "sae_weights.safetensors"))
@@ -123,14 +105,9 @@ def test_export_of_the_sharded_run_is_the_gathered_sae(runs):
 def test_sharded_run_resumes_exactly(runs):
     """Resume the 2-shard run from its halfway checkpoint: the end state is bitwise the same."""
     again = runs / "resumed"
-    shutil.copytree(runs / "sharded", again)
-    shutil.rmtree(again / "checkpoints" / f"step_{STEPS:08d}")
-    config = yaml.safe_load((runs / "sharded.yaml").read_text())
-    config["run_dir"] = str(again)
-    path = runs / "resumed.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert f"resuming from {again}/checkpoints/step_{STEPS // 2:08d}" in _torchrun(2, path)
-    a, b = _checkpoint(runs / "sharded", STEPS), _checkpoint(again, STEPS)
+    path = resumable_copy(runs / "sharded.yaml", "resumed", drop_step=STEPS)
+    assert f"resuming from {again}/checkpoints/step_{STEPS // 2:08d}" in torchrun_train(2, path)
+    a, b = saved_tensors(runs / "sharded", STEPS, "s"), saved_tensors(again, STEPS, "s")
     for k in a:
         assert torch.equal(a[k], b[k]), k
     optim = [_optimizer(run, STEPS).whole() for run in (runs / "sharded", again)]
@@ -168,9 +145,9 @@ def test_data_parallel_by_latent_shards_mesh_trains_what_data_parallel_trains(tm
     parallel does (each replica its half, the shards of a replica the same batches); both
     accumulate 2 micro-batches per step (the mesh averages over replicas once, at the step)."""
     acts = _activations(tmp_path / "acts")
-    _torchrun(2, _config(tmp_path, "dp", acts, accumulation=2))
-    _torchrun(4, _config(tmp_path, "mesh", acts, accumulation=2, latent_shards=2))
-    a, b = _checkpoint(tmp_path / "dp", STEPS), _checkpoint(tmp_path / "mesh", STEPS)
+    torchrun_train(2, _config(tmp_path, "dp", acts, accumulation=2))
+    torchrun_train(4, _config(tmp_path, "mesh", acts, accumulation=2, latent_shards=2))
+    a, b = saved_tensors(tmp_path / "dp", STEPS, "s"), saved_tensors(tmp_path / "mesh", STEPS, "s")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     print(f"2x2 mesh: max |w(dp 2 x shards 2) - w(dp 2)| = {_max_diff(a, b):.3g}")
@@ -189,16 +166,13 @@ def test_llm_run_with_latent_shards_matches_one_process(tmp_path, text_dir):
                "train": {"total_tokens": 1024, "batch_size": 128, "buffer_tokens": 512, "init_tokens": 256},
                "eval": {"tokens": 256, "splice_tokens": 64},
                "log": {"progress": False, "tensorboard": False}, "dist": dist}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return write_config(tmp_path, name, cfg)
 
     assert main(["train", str(config("one")), "--quiet"]) == 0
-    _torchrun(2, config("sharded", latent_shards=2))
+    torchrun_train(2, config("sharded", latent_shards=2))
     m1, m2 = (json.loads((tmp_path / run / "eval.json").read_text()) for run in ("one", "sharded"))
     for name in ("resid", "tc"):
-        a = load_file(str(tmp_path / "one" / "checkpoints" / "step_00000008" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "sharded" / "checkpoints" / "step_00000008" / f"{name}.safetensors"))
+        a, b = (saved_tensors(tmp_path / run, 8, name) for run in ("one", "sharded"))
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
         print(f"LLM {name}: max |w(2 latent shards) - w(1 process)| = {_max_diff(a, b):.3g}")

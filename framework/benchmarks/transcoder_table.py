@@ -27,6 +27,7 @@ import yaml
 
 from framework import hooks
 from framework.errors import DataError
+from framework.kinds import SAE_KINDS
 
 
 @dataclass
@@ -71,7 +72,7 @@ def table_rows(run_dir: Path) -> tuple[list[Row], dict]:
     saes = {s["name"]: s for s in yaml.safe_load(files["config.yaml"].read_text())["saes"]}
     metrics, training = summary["saes"], summary.get("sae_training", {})
     rows = [_set_row(name, entry, saes, metrics, training) for name, entry in summary.get("replacement_sets", {}).items()]
-    rows += [_clt_row(name, metrics[name], training) for name, s in saes.items() if s["kind"] == "clt"]
+    rows += [_clt_row(name, metrics[name], training) for name, s in saes.items() if SAE_KINDS[s["kind"]].cross_layer]
     if not rows:
         raise DataError(f"{run_dir}: no replacement sets (eval.replacement_sets) and no CLT to tabulate")
     return rows, summary

@@ -32,7 +32,8 @@ import kernels
 from framework import hooks
 from framework.losses import TrainingBatch
 from framework.sae import B_DEC_INIT, SAE_KINDS, SAEBase, SAEOutput
-from framework.variants.common import require
+from framework.variants.common import require, threshold_select
+from framework.variants.jumprelu import JumpReLUOptions, JumpReLUThresholds
 
 INPUT_KIND, OUTPUT_KIND = "resid_mid", "mlp_out"
 
@@ -71,6 +72,7 @@ class CrossLayerTranscoder(SAEBase):
     Options = CLTOptions
     export_architecture = "clt"
     export_format = "clt"
+    export_activation = "topk"  # circuit-tracer's activation (framework/clt_export.py)
     cross_layer = True
     use_abs = False
 
@@ -146,6 +148,14 @@ class CrossLayerTranscoder(SAEBase):
         for dec in self.decoders:
             dec /= dec.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
 
+    # -- export (framework/clt_export.py) --------------------------------------------------------
+    def clt_export_extra(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors beyond weights and biases, in the export's units (the codes')."""
+        return {}
+
+    def load_clt_export_extra(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of clt_export_extra on an export loaded with unit scales."""
+
     # -- math ------------------------------------------------------------------------------
     def _rows(self, i: int) -> slice:
         return slice(i * self.per_layer, (i + 1) * self.per_layer)
@@ -158,14 +168,22 @@ class CrossLayerTranscoder(SAEBase):
         return kernels.topk_encode(x_layer, self.encoder_weight[self._rows(i)], self.encoder_bias[self._rows(i)],
                                    self.input_offset(), k or self.k)
 
+    def _decoder_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of a layer's decoder that hold its latents `ids` (a latent shard's differ)."""
+        return ids
+
+    def _sum_partial(self, partial: torch.Tensor) -> torch.Tensor:
+        """The whole reconstruction from this module's part of it (a latent shard's is summed)."""
+        return partial
+
     def _decode_groups(self, groups) -> torch.Tensor:
         """sum over source layers i of (values_i, local ids_i) decoded into layers i..B."""
         out = None
         for i, (values, ids) in enumerate(groups):
-            part = kernels.sparse_decode(values, ids, self.decoders[i].flatten(1))
+            part = kernels.sparse_decode(values, self._decoder_rows(ids), self.decoders[i].flatten(1))
             part = F.pad(part, (i * self.d_model, 0))
             out = part if out is None else out + part
-        return out
+        return self._sum_partial(out)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """Any (values, global latent ids) (e.g. AuxK's dead latents, from any layers)."""
@@ -183,18 +201,27 @@ class CrossLayerTranscoder(SAEBase):
 
     def encode_rows(self, x: torch.Tensor, rows: torch.Tensor, k: int):
         """Top k over the latents `rows` (any layers), each on its own layer's input."""
-        values, ids = [], []
-        layer = rows // self.per_layer
-        for i in range(self.n_layers):
-            mine = rows[layer == i]
-            if mine.numel():
-                v, sub = kernels.topk_encode(self._layer_input(x, i), self.encoder_weight[mine], self.encoder_bias[mine],
-                                             self.input_offset(), min(k, mine.numel()))
-                values.append(v)
-                ids.append(mine[sub])
-        values, ids = torch.cat(values, 1), torch.cat(ids, 1)
+        values, ids = self._row_candidates(x, rows, k)
         top = values.detach().topk(min(k, values.shape[1]), dim=1).indices
         return values.gather(1, top), ids.gather(1, top)
+
+    def _held_rows(self, ids: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of layer i's latents `ids` (whole ids), those this module holds and their encoder rows."""
+        return ids, ids
+
+    def _row_candidates(self, x: torch.Tensor, rows: torch.Tensor, k: int):
+        """Per layer, the top k of the latents `rows` this module holds: (values, whole ids),
+        concatenated over layers ([B, 0] when it holds none)."""
+        values, ids = [x.new_zeros(x.shape[0], 0)], [rows.new_zeros(x.shape[0], 0)]
+        layer = rows // self.per_layer
+        for i in range(self.n_layers):
+            held, params = self._held_rows(rows[layer == i], i)
+            if held.numel():
+                v, sub = kernels.topk_encode(self._layer_input(x, i), self.encoder_weight[params], self.encoder_bias[params],
+                                             self.input_offset(), min(k, held.numel()))
+                values.append(v)
+                ids.append(held[sub])
+        return torch.cat(values, 1), torch.cat(ids, 1)
 
     def reconstruction_loss(self, x_hat: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
         """Mean over layers of each layer's normalised MSE (module docstring)."""
@@ -224,9 +251,82 @@ class CrossLayerTranscoder(SAEBase):
             if j != len(codes):
                 raise RuntimeError(f"clt predictor: layer {j} asked before layer {len(codes)}")
             codes.append(self.encode_layer(x_raw.float() * self.input_scale[j], j))
-            out = self.b_dec[j * d:(j + 1) * d].expand(x_raw.shape[0], d)
+            out = None
             for i, (values, ids) in enumerate(codes):
-                out = out + kernels.sparse_decode(values, ids, self.decoders[i][:, j - i].contiguous())
-            return out / self.output_scale[j]
+                part = kernels.sparse_decode(values, self._decoder_rows(ids), self.decoders[i][:, j - i].contiguous())
+                out = part if out is None else out + part
+            return (self._sum_partial(out) + self.b_dec[j * d:(j + 1) * d]) / self.output_scale[j]
 
         return predict
+
+
+@dataclass
+class JumpReLUCLTOptions(JumpReLUOptions, CLTOptions):
+    """CLTOptions and JumpReLUOptions; `target_l0` (default the config's `k`), `l0_coef` and the
+    threshold init are per layer: the controller steers the sum over layers to n_layers * target."""
+
+    def __post_init__(self):
+        CLTOptions.__post_init__(self)
+        JumpReLUOptions.__post_init__(self)
+
+
+@SAE_KINDS.register("jumprelu_clt")
+class JumpReLUCrossLayerTranscoder(JumpReLUThresholds, CrossLayerTranscoder):
+    """A CLT whose latents fire above per-latent learned thresholds (circuit-tracer's own CLT
+    activation), trained as JumpReLU SAEs are (framework/variants/jumprelu.py): one sparsity
+    coefficient for all layers, each layer's selection on its own input."""
+
+    Options = JumpReLUCLTOptions
+    export_architecture = "jumprelu_clt"
+    export_activation = "jumprelu"
+
+    def __init__(self, d_in: int, n_latents: int, k: int, d_out: int | None = None, seed: int = 0, options=None):
+        super().__init__(d_in, n_latents, k, d_out=d_out, seed=seed, options=options)
+        for i in range(self.n_layers):
+            self._scale_encoder_rows(self._rows(i), self.d_model_in, self.per_layer)
+        self._init_thresholds(self.n_latents)
+
+    def target_l0(self) -> float:
+        return self.n_layers * super().target_l0()
+
+    def _layer_width(self) -> int:
+        return self._start_width(self.target_l0() / self.n_layers, self.per_layer)
+
+    def encode_layer(self, x_layer: torch.Tensor, i: int, k: int | None = None):
+        """Layer i's latents above their thresholds (inference): (values, local ids)."""
+        rows = self._rows(i)
+        return threshold_select(x_layer, self.encoder_weight[rows], self.encoder_bias[rows], self.input_offset(),
+                                self.threshold()[rows].detach(), self._layer_width())
+
+    def forward(self, x: torch.Tensor, k: int | None = None, batch: TrainingBatch | None = None) -> SAEOutput:
+        if not self.training:
+            return super().forward(x, k, batch)
+        theta, width = self.threshold(), self._layer_width()
+        groups, penalty, next_width = [], 0, 0
+        for i in range(self.n_layers):
+            rows = self._rows(i)
+            values, ids, layer_penalty, needed = self._training_codes(
+                self._layer_input(x, i), self.encoder_weight[rows], self.encoder_bias[rows], self.input_offset(),
+                theta[rows], width)
+            groups.append((values, ids))
+            penalty, next_width = penalty + layer_penalty, max(next_width, needed)
+        values = torch.cat([v for v, _ in groups], 1)
+        indices = torch.cat([ids + i * self.per_layer for i, (_, ids) in enumerate(groups)], 1)
+        out = SAEOutput(self._decode_groups(groups) + self.b_dec, values, indices)
+        return self._with_penalty(out, penalty, next_width, self.training_batch(x, batch))
+
+    @torch.no_grad()
+    def init_from_sample(self, x: torch.Tensor, y: torch.Tensor, normalize: bool, b_dec_init: str) -> None:
+        super().init_from_sample(x, y, normalize, b_dec_init)
+        if self.options.threshold_init == 0:
+            xn = self.normalize_input(x.to(self.encoder_weight))
+            for i in range(self.n_layers):
+                self._init_threshold_rows(self._layer_input(xn, i), self._rows(i), self.target_l0() / self.n_layers,
+                                          self.input_offset())
+
+    def clt_export_extra(self, i: int) -> dict[str, torch.Tensor]:
+        # the export's codes are ours (normalised units, see framework/clt_export.py): so is theta
+        return {f"threshold_{i}": self.threshold()[self._rows(i)].detach()}
+
+    def load_clt_export_extra(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.log_threshold[self._rows(i)] = self._param_of(tensors[f"threshold_{i}"].to(self.log_threshold))

@@ -86,19 +86,18 @@ class _Step(torch.autograd.Function):
         return (ste if ctx.ste_to_input else None), -ste, None, None, None
 
 
-# sparsity mode -> per-token penalty from (pre, theta, keep, values) over the candidates
+# sparsity mode -> per-token penalty from (options, pre, theta, keep, values) over the candidates
 SPARSITY: Registry = Registry("JumpReLU sparsity mode")
 
 
 @SPARSITY.register("step")
-def _step_penalty(sae, pre, theta, keep, values):
-    o = sae.options
+def _step_penalty(o, pre, theta, keep, values):
     return _Step.apply(pre, theta, keep, o.bandwidth, o.ste_to_input).sum(1)
 
 
 @SPARSITY.register("tanh")
-def _tanh_penalty(sae, pre, theta, keep, values):
-    return torch.tanh(sae.options.tanh_scale * values).sum(1)  # decoder rows have unit norm
+def _tanh_penalty(o, pre, theta, keep, values):
+    return torch.tanh(o.tanh_scale * values).sum(1)  # decoder rows have unit norm
 
 
 @dataclass
@@ -143,22 +142,16 @@ class JumpReLUOptions:
         require(self.encoder_init_scale >= 0, "options.encoder_init_scale: must be >= 0")
 
 
-@SAE_KINDS.register("jumprelu")
-class JumpReLUSAE(TopKSAE):
-    """Per-latent learned thresholds, trained with pseudo-derivatives and an L0 penalty."""
+class JumpReLUThresholds:
+    """Per-latent learned thresholds, their training selection and the L0 controller (module
+    docstring), for any layout whose encoder rows are latents: JumpReLUSAE here, the JumpReLU
+    cross-layer transcoder (framework/variants/clt.py). The host calls `_init_thresholds` and
+    may override `target_l0` (the L0 the controller steers the global batch to)."""
 
-    Options = JumpReLUOptions
-    export_architecture = "jumprelu"
     variable_l0 = True
 
-    def __init__(self, d_in, n_latents, k, d_out=None, seed=0, options=None):
-        super().__init__(d_in, n_latents, k, d_out=d_out, seed=seed, options=options)
+    def _init_thresholds(self, n_latents: int) -> None:
         o = self.options
-        # A threshold rule lets high-norm tokens take many latents; with unit-norm encoder rows
-        # their first reconstructions overshoot (as for BatchTopK, see the variants README).
-        scale = o.encoder_init_scale or min(1.0, (d_in / n_latents) ** 0.5)
-        with torch.no_grad():
-            self.encoder_weight.mul_(scale / self.encoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
         self.log_threshold = nn.Parameter(torch.full((n_latents,), self._param_of(o.threshold_init or 1.0)))
         self.log_coef_init = math.log(o.l0_coef or o.coef_init or 0.1 / self.target_l0())
         self.register_buffer("log_coef", torch.tensor(self.log_coef_init))  # log lambda
@@ -169,6 +162,14 @@ class JumpReLUSAE(TopKSAE):
         # rank (DDP broadcasts rank 0's at each forward; under ZeRO a resumed rank > 0 starts from
         # rank 0's, which may change the rounding of its first steps)
         self.register_buffer("width_hint", torch.zeros((), dtype=torch.long))
+
+    def _scale_encoder_rows(self, rows: slice, d_in: int, n_latents: int) -> None:
+        """A threshold rule lets high-norm tokens take many latents; with unit-norm encoder rows
+        their first reconstructions overshoot (as for BatchTopK, see the variants README)."""
+        scale = self.options.encoder_init_scale or min(1.0, (d_in / n_latents) ** 0.5)
+        with torch.no_grad():
+            w = self.encoder_weight[rows]
+            w.mul_(scale / w.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     # -- state ----------------------------------------------------------------------------
     def threshold(self) -> torch.Tensor:
@@ -190,29 +191,28 @@ class JumpReLUSAE(TopKSAE):
         o = self.options
         return 0.0 if o.l0_coef > 0 else (o.target_l0 or float(self.k))
 
-    def _start_width(self) -> int:
-        base = default_width(math.ceil(self.target_l0() or self.k), self.options.candidate_factor, self.n_latents)
+    def _start_width(self, per_token: float, n_latents: int) -> int:
+        base = default_width(math.ceil(per_token or self.k), self.options.candidate_factor, n_latents)
         return max(base, int(self.width_hint))
 
     # -- math -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, k: int | None = None, batch=None) -> SAEOutput:
-        theta = self.threshold()
-        if not self.training:
-            values, indices = threshold_select(x, self.encoder_weight, self.encoder_bias, self.input_offset(),
-                                               theta.detach(), self._start_width())
-            return SAEOutput(self.decode(values, indices), values, indices)
+    def _training_codes(self, x, weight, bias, offset, theta, width: int):
+        """The training selection over these encoder rows: (values [B, w'], their row ids, the
+        per-token sparsity penalty, the width the next batch should start at)."""
         o = self.options
         cut = theta.detach() - o.bandwidth / 2
-        shifted, idx, keep = select_above(x, self.encoder_weight, self.encoder_bias, self.input_offset(), cut,
-                                          self._start_width())
+        shifted, idx, keep = select_above(x, weight, bias, offset, cut, width)
         pre = shifted + cut[idx]  # the pre-activations, differentiable through the kernel's kept entries
         th = theta[idx]
         values = _JumpReLU.apply(pre, th, keep, o.bandwidth, o.ste_to_input)
         packed, packed_idx = compact(values, idx, keep)
-        self.width_hint.fill_(min(self.n_latents, packed.shape[1] * 3 // 2 + 1))
-        out = SAEOutput(self.decode(packed, packed_idx), packed, packed_idx)
-        penalty = SPARSITY[o.sparsity](self, pre, th, keep, values)  # per token
-        out.losses["l0"] = self.coefficient() * self.training_batch(x, batch).mean(penalty)
+        penalty = SPARSITY[o.sparsity](o, pre, th, keep, values)
+        return packed, packed_idx, penalty, min(weight.shape[0], packed.shape[1] * 3 // 2 + 1)
+
+    def _with_penalty(self, out: SAEOutput, penalty: torch.Tensor, next_width: int, batch) -> SAEOutput:
+        """A training output with its sparsity loss (penalty: per token); the next batch's width."""
+        self.width_hint.fill_(next_width)
+        out.losses["l0"] = self.coefficient() * batch.mean(penalty)
         return out
 
     @torch.no_grad()
@@ -226,18 +226,48 @@ class JumpReLUSAE(TopKSAE):
             self.log_coef.copy_(self.log_coef_init + self.coef_integral + o.controller_gain * err)
 
     @torch.no_grad()
+    def _init_threshold_rows(self, xn: torch.Tensor, rows: slice, per_token: float, offset: torch.Tensor) -> None:
+        """Thresholds of `rows` at which the (normalised) sample `xn` fires `per_token` of them
+        per token on average: the smallest value a batch top-k of that size selects."""
+        per_token = max(1, round(per_token))
+        weight = self.encoder_weight[rows]
+        values, _ = batch_topk_select(xn, weight, self.encoder_bias[rows], offset, per_token,
+                                      default_width(per_token, self.options.candidate_factor, weight.shape[0]))
+        chosen = values[values > 0]
+        if chosen.numel():
+            self.log_threshold[rows] = self._param_of(chosen.min().item())
+
+
+@SAE_KINDS.register("jumprelu")
+class JumpReLUSAE(JumpReLUThresholds, TopKSAE):
+    """Per-latent learned thresholds, trained with pseudo-derivatives and an L0 penalty."""
+
+    Options = JumpReLUOptions
+    export_architecture = "jumprelu"
+
+    def __init__(self, d_in, n_latents, k, d_out=None, seed=0, options=None):
+        super().__init__(d_in, n_latents, k, d_out=d_out, seed=seed, options=options)
+        self._scale_encoder_rows(slice(None), d_in, n_latents)
+        self._init_thresholds(n_latents)
+
+    def forward(self, x: torch.Tensor, k: int | None = None, batch=None) -> SAEOutput:
+        theta = self.threshold()
+        width = self._start_width(self.target_l0(), self.n_latents)
+        if not self.training:
+            values, indices = threshold_select(x, self.encoder_weight, self.encoder_bias, self.input_offset(),
+                                               theta.detach(), width)
+            return SAEOutput(self.decode(values, indices), values, indices)
+        values, indices, penalty, next_width = self._training_codes(x, self.encoder_weight, self.encoder_bias,
+                                                                    self.input_offset(), theta, width)
+        return self._with_penalty(SAEOutput(self.decode(values, indices), values, indices), penalty, next_width,
+                                  self.training_batch(x, batch))
+
+    @torch.no_grad()
     def init_from_sample(self, x: torch.Tensor, y: torch.Tensor, normalize: bool, b_dec_init: str) -> None:
         super().init_from_sample(x, y, normalize, b_dec_init)
-        o = self.options
-        if o.threshold_init > 0:
-            return
-        per_token = max(1, round(self.target_l0() or self.k))
-        xn = self.normalize_input(x.to(self.encoder_weight))
-        values, _ = batch_topk_select(xn, self.encoder_weight, self.encoder_bias, self.input_offset(), per_token,
-                                      default_width(per_token, o.candidate_factor, self.n_latents))
-        chosen = values[values > 0]
-        if chosen.numel():  # the smallest selected value: pre > it fires per_token latents per token on average
-            self.log_threshold.fill_(self._param_of(chosen.min().item()))
+        if self.options.threshold_init == 0:
+            xn = self.normalize_input(x.to(self.encoder_weight))
+            self._init_threshold_rows(xn, slice(None), self.target_l0() or self.k, self.input_offset())
 
     # -- export -------------------------------------------------------------------------------
     def export_extra(self, input_scale: float, output_scale: float) -> dict[str, torch.Tensor]:
