@@ -27,6 +27,7 @@ from framework import hooks, text_data
 from framework.config import ConfigError, DataConfig, ModelConfig, load_config
 from framework.llm import check_zero3_layout, load_frozen
 from framework.lm_grads import lm_site_grads
+from worker_results import load_result
 
 WORKER = Path(__file__).parent / "workers" / "zero3_worker.py"
 WORLD = 2
@@ -57,7 +58,7 @@ def saved_model(tmp_path_factory) -> Path:
 def job(tmp_path_factory, saved_model, text_dir) -> list[dict]:
     out = tmp_path_factory.mktemp("zero3")
     _torchrun(str(WORKER), str(out), str(saved_model), str(text_dir), timeout=JOB_TIMEOUT_S)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]  # tensors and plain containers only
+    return [load_result(out / f"rank{r}") for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")

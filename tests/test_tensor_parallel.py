@@ -25,6 +25,7 @@ import torch
 import kernels
 from framework import tensor_parallel as tp
 from framework.kinds import build_sae
+from worker_results import load_result
 
 _spec = importlib.util.spec_from_file_location("_tp_worker", Path(__file__).parent / "workers" / "tp_worker.py")
 W = importlib.util.module_from_spec(_spec)
@@ -66,7 +67,7 @@ def _launch(mode: str, world: int, out: Path) -> list[dict]:
             text.append(lg.read())
             lg.close()
         if all(p.returncode == 0 for p in procs):
-            return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+            return [load_result(out / f"rank{r}") for r in range(world)]
         if attempt == 0 and any("address already in use" in t.lower() for t in text):
             continue
         pytest.fail(f"{mode} job failed:\n" + "\n".join(f"--- rank {r} (rc {p.returncode})\n{t[-4000:]}"

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework.kinds import build_sae  # noqa: E402
+from worker_results import save_result  # noqa: E402
 from framework.losses import normalized_mse  # noqa: E402
 
 # name -> (kind, B, d_in, d_out or None, n_latents, k, x_requires_grad, mask_fraction or None)
@@ -217,7 +218,7 @@ def main():
             result = run_mesh(rank, world)
         else:
             raise SystemExit(f"unknown mode {mode}")
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        save_result(result, os.path.join(out_dir, f"rank{rank}"))
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()

@@ -23,6 +23,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework import hooks, llm  # noqa: E402
+from worker_results import save_result  # noqa: E402
 from framework.activations import LLMSource  # noqa: E402
 from framework.config import DataConfig, ModelConfig  # noqa: E402
 from framework.lm_grads import lm_site_grads  # noqa: E402
@@ -106,7 +107,7 @@ def main() -> None:
     result["train_has_grads"] = all("blocks.1.resid_post@grad" in b for b in batches)
     result["forwards"] = len(forwards)
     result["dropped"] = src.skipped["train"]["lockstep"] + src.skipped["eval"]["lockstep"]
-    torch.save(result, out / f"rank{rank}.pt")
+    save_result(result, out / f"rank{rank}")
     dist.barrier()
     dist.destroy_process_group()
 
