@@ -71,21 +71,20 @@ class LatentShardedCLT(LatentShard, CrossLayerTranscoder):
         return _ReduceFromShards.apply(partial, self.group)
 
     # -- selection ----------------------------------------------------------------------------------
-    def encode_layer(self, x_layer: torch.Tensor, i: int, k: int | None = None):
+    def encode_layer(self, x_layer: torch.Tensor, i: int, k: int | None = None, encoder=None):
         """Layer i's global top k, this shard's part: (values, ids within the layer), values 0
         in the slots of candidates another shard wins."""
         k = k or self.k
-        rows = self._rows(i)
+        weight, bias = encoder or self.layer_encoders()[i]
         x_layer, offset = copy_inputs_to_shards(self.group, x_layer, self.input_offset())
-        values, ids = kernels.topk_encode(x_layer, self.encoder_weight[rows], self.encoder_bias[rows], offset,
-                                          min(k, self.local), backend=self.backend)
+        values, ids = kernels.topk_encode(x_layer, weight, bias, offset, min(k, self.local), backend=self.backend)
         keep = _global_keep(values.detach(), ids, k, self.group, self.rank, self.world)
         return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device)), ids + self.start
 
     def _held_rows(self, ids: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         within = ids - i * self.per_layer
         mine = (within >= self.start) & (within < self.end)
-        return ids[mine], i * self.local + within[mine] - self.start
+        return ids[mine], within[mine] - self.start
 
     def encode_rows(self, x: torch.Tensor, rows: torch.Tensor, k: int):
         """The group's top k among the latents `rows` (whole ids, the same list on every rank,

@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -55,6 +54,24 @@ def parse_layers(value) -> list[int]:
             f"options.layers: {layers} is not contiguous and ascending (a CLT's latents write to every later layer "
             "of one range), e.g. {list(range(layers[0], layers[0] + len(layers)))}")
     return layers
+
+
+class _ShiftedSum(torch.autograd.Function):
+    """sum_i of part_i [B, (n - i) d] placed at column i d of [B, n d]; backward hands each part
+    its view of the gradient (autograd's pad or in-place slice adds copy the whole width once
+    per layer, forward or backward)."""
+
+    @staticmethod
+    def forward(ctx, d: int, *parts):
+        ctx.d, ctx.n = d, len(parts)
+        out = parts[0].new_zeros(parts[0].shape[0], parts[0].shape[1])
+        for i, part in enumerate(parts):
+            out[:, i * d:] += part
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *(grad[:, i * ctx.d:] for i in range(ctx.n)))
 
 
 @dataclass
@@ -163,10 +180,18 @@ class CrossLayerTranscoder(SAEBase):
     def _layer_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return x[:, i * self.d_model_in:(i + 1) * self.d_model_in]
 
-    def encode_layer(self, x_layer: torch.Tensor, i: int, k: int | None = None):
-        """Top k of layer i's latents on that layer's (normalised) input: (values, local ids)."""
-        return kernels.topk_encode(x_layer, self.encoder_weight[self._rows(i)], self.encoder_bias[self._rows(i)],
-                                   self.input_offset(), k or self.k)
+    def layer_encoders(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, views of its encoder rows and biases. One autograd node for all layers:
+        slicing the stacked parameter per layer would give every slice's backward a zero-filled
+        gradient of the whole encoder (12 x 56 MB per step for SmolLM2 layers 0-5 with AuxK)."""
+        weights = self.encoder_weight.view(self.n_layers, -1, self.encoder_weight.shape[1]).unbind(0)
+        return list(zip(weights, self.encoder_bias.view(self.n_layers, -1).unbind(0)))
+
+    def encode_layer(self, x_layer: torch.Tensor, i: int, k: int | None = None, encoder=None):
+        """Top k of layer i's latents on that layer's (normalised) input: (values, local ids).
+        `encoder`: layer i's entry of layer_encoders() (a forward over all layers passes it)."""
+        weight, bias = encoder or self.layer_encoders()[i]
+        return kernels.topk_encode(x_layer, weight, bias, self.input_offset(), k or self.k)
 
     def _decoder_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of a layer's decoder that hold its latents `ids` (a latent shard's differ)."""
@@ -178,23 +203,39 @@ class CrossLayerTranscoder(SAEBase):
 
     def _decode_groups(self, groups) -> torch.Tensor:
         """sum over source layers i of (values_i, local ids_i) decoded into layers i..B."""
-        out = None
-        for i, (values, ids) in enumerate(groups):
-            part = kernels.sparse_decode(values, self._decoder_rows(ids), self.decoders[i].flatten(1))
-            part = F.pad(part, (i * self.d_model, 0))
-            out = part if out is None else out + part
-        return self._sum_partial(out)
+        parts = [kernels.sparse_decode(values, self._decoder_rows(ids), self.decoders[i].flatten(1))
+                 for i, (values, ids) in enumerate(groups)]
+        return self._sum_partial(_ShiftedSum.apply(self.d_model, *parts))
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """Any (values, global latent ids) (e.g. AuxK's dead latents, from any layers)."""
-        layer = indices // self.per_layer
-        local = indices - layer * self.per_layer
-        groups = [(values * (layer == i).to(values.dtype), local) for i in range(self.n_layers)]
-        out = self._decode_groups(groups)
+        out = self._decode_groups(self._split_by_layer(values, indices))
         return out + self.b_dec if with_bias else out
 
+    def _split_by_layer(self, values: torch.Tensor, indices: torch.Tensor):
+        """Per layer, its entries of each row, left-packed: [(values_i [B, w_i], local ids_i)],
+        w_i = the most any row has (padding: value 0 at an id of the row, so one this module
+        holds). Each entry is then decoded into its
+        own layer's targets only (AuxK's k_aux = d_in/2 slots of a stacked input are many); one
+        stable sort by layer and one host sync for all layers."""
+        B, width = indices.shape
+        layer = indices // self.per_layer
+        order = layer.argsort(dim=1, stable=True)
+        values, local = values.gather(1, order), (indices - layer * self.per_layer).gather(1, order)
+        counts = torch.zeros(B, self.n_layers, dtype=torch.long, device=indices.device).scatter_add_(
+            1, layer, torch.ones_like(layer))
+        starts = counts.cumsum(1) - counts
+        groups = []
+        for i, w in enumerate(counts.max(0).values.clamp_min(1).tolist()):
+            slot = torch.arange(w, device=indices.device)
+            here = slot < counts[:, i:i + 1]
+            pos = (starts[:, i:i + 1] + slot).clamp_max(width - 1)
+            groups.append((torch.where(here, values.gather(1, pos), 0), local.gather(1, pos)))
+        return groups
+
     def forward(self, x: torch.Tensor, k: int | None = None, batch: TrainingBatch | None = None) -> SAEOutput:
-        groups = [self.encode_layer(self._layer_input(x, i), i, k) for i in range(self.n_layers)]
+        encoders = self.layer_encoders()
+        groups = [self.encode_layer(self._layer_input(x, i), i, k, encoders[i]) for i in range(self.n_layers)]
         values = torch.cat([v for v, _ in groups], 1)
         indices = torch.cat([ids + i * self.per_layer for i, (_, ids) in enumerate(groups)], 1)
         return SAEOutput(self._decode_groups(groups) + self.b_dec, values, indices)
@@ -206,19 +247,20 @@ class CrossLayerTranscoder(SAEBase):
         return values.gather(1, top), ids.gather(1, top)
 
     def _held_rows(self, ids: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Of layer i's latents `ids` (whole ids), those this module holds and their encoder rows."""
-        return ids, ids
+        """Of layer i's latents `ids` (whole ids), those this module holds and their rows in its
+        layer i encoder."""
+        return ids, ids - i * self.per_layer
 
     def _row_candidates(self, x: torch.Tensor, rows: torch.Tensor, k: int):
         """Per layer, the top k of the latents `rows` this module holds: (values, whole ids),
         concatenated over layers ([B, 0] when it holds none)."""
         values, ids = [x.new_zeros(x.shape[0], 0)], [rows.new_zeros(x.shape[0], 0)]
         layer = rows // self.per_layer
-        for i in range(self.n_layers):
+        for i, (weight, bias) in enumerate(self.layer_encoders()):
             held, params = self._held_rows(rows[layer == i], i)
             if held.numel():
-                v, sub = kernels.topk_encode(self._layer_input(x, i), self.encoder_weight[params], self.encoder_bias[params],
-                                             self.input_offset(), min(k, held.numel()))
+                v, sub = kernels.topk_encode(self._layer_input(x, i), weight[params], bias[params], self.input_offset(),
+                                             min(k, held.numel()))
                 values.append(v)
                 ids.append(held[sub])
         return torch.cat(values, 1), torch.cat(ids, 1)
@@ -292,22 +334,20 @@ class JumpReLUCrossLayerTranscoder(JumpReLUThresholds, CrossLayerTranscoder):
     def _layer_width(self) -> int:
         return self._start_width(self.target_l0() / self.n_layers, self.per_layer)
 
-    def encode_layer(self, x_layer: torch.Tensor, i: int, k: int | None = None):
+    def encode_layer(self, x_layer: torch.Tensor, i: int, k: int | None = None, encoder=None):
         """Layer i's latents above their thresholds (inference): (values, local ids)."""
-        rows = self._rows(i)
-        return threshold_select(x_layer, self.encoder_weight[rows], self.encoder_bias[rows], self.input_offset(),
-                                self.threshold()[rows].detach(), self._layer_width())
+        weight, bias = encoder or self.layer_encoders()[i]
+        return threshold_select(x_layer, weight, bias, self.input_offset(), self.threshold()[self._rows(i)].detach(),
+                                self._layer_width())
 
     def forward(self, x: torch.Tensor, k: int | None = None, batch: TrainingBatch | None = None) -> SAEOutput:
         if not self.training:
             return super().forward(x, k, batch)
         theta, width = self.threshold(), self._layer_width()
         groups, penalty, next_width = [], 0, 0
-        for i in range(self.n_layers):
-            rows = self._rows(i)
+        for i, (weight, bias) in enumerate(self.layer_encoders()):
             values, ids, layer_penalty, needed = self._training_codes(
-                self._layer_input(x, i), self.encoder_weight[rows], self.encoder_bias[rows], self.input_offset(),
-                theta[rows], width)
+                self._layer_input(x, i), weight, bias, self.input_offset(), theta[self._rows(i)], width)
             groups.append((values, ids))
             penalty, next_width = penalty + layer_penalty, max(next_width, needed)
         values = torch.cat([v for v, _ in groups], 1)
