@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
 import yaml
@@ -19,11 +18,7 @@ from framework.cli import main
 from framework.config import ModelConfig, load_config
 from framework.llm import load_frozen
 from framework.train import train
-
-# circuit-tracer 0.5.0 imports a constant that huggingface_hub >= 1.0 dropped (hf_transfer); its
-# value only matters for hub downloads, which these tests never make
-if not hasattr(huggingface_hub.constants, "HF_HUB_ENABLE_HF_TRANSFER"):
-    huggingface_hub.constants.HF_HUB_ENABLE_HF_TRANSFER = False
+from tracer_models import tl_replacement_model  # first: it readies circuit-tracer's imports
 
 from circuit_tracer.transcoder.single_layer_transcoder import load_relu_transcoder  # noqa: E402
 from circuit_tracer.utils.caching import load_transcoders_from_cache  # noqa: E402
@@ -93,32 +88,6 @@ def test_circuit_tracer_loads_the_set_and_computes_the_same(jumprelu_run, tmp_pa
     assert max(v for e in errs.values() for v in e.values()) <= 1e-5, errs
 
 
-def _tl_replacement_model(hf_model, tokenizer, tset, folder: Path):
-    """tiny-gpt2 in TransformerLens with the same weights, made circuit-tracer's replacement
-    model (what ReplacementModel.from_config does, plus the weights). TransformerLens reloads
-    the tokenizer from its name_or_path, so it is saved to a local folder first."""
-    from transformers import AutoTokenizer  # noqa: PLC0415
-
-    tokenizer.save_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    from circuit_tracer.replacement_model.replacement_model_transformerlens import (  # noqa: PLC0415
-        TransformerLensReplacementModel,
-    )
-    from transformer_lens import HookedTransformerConfig  # noqa: PLC0415
-    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights  # noqa: PLC0415
-
-    c = hf_model.config
-    cfg = HookedTransformerConfig(d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=c.n_inner,
-                                  n_layers=c.n_layer, n_ctx=c.n_positions, eps=c.layer_norm_epsilon,
-                                  d_vocab=c.vocab_size, act_fn=c.activation_function, normalization_type="LN",
-                                  original_architecture="GPT2LMHeadModel", model_name="tiny-gpt2", device="cpu")
-    model = TransformerLensReplacementModel(cfg, tokenizer=tokenizer)
-    model.load_and_process_state_dict(convert_gpt2_weights(hf_model, cfg), fold_ln=False,
-                                      center_writing_weights=False, center_unembed=False)
-    model._configure_replacement_model(tset)
-    return model
-
-
 def test_attribution_graph_on_tiny_gpt2_uses_our_features(jumprelu_run, tmp_path):
     from circuit_tracer import attribute  # noqa: PLC0415
 
@@ -128,7 +97,7 @@ def test_attribution_graph_on_tiny_gpt2_uses_our_features(jumprelu_run, tmp_path
     tset, _ = load_transcoders_from_cache("set", cache_dir=tmp_path / "ct", device=torch.device("cpu"),
                                           lazy_decoder=False)
     hf, tok = load_frozen(ModelConfig(name="tiny-gpt2"), seed=0)  # the model the run trained on (seed 0)
-    model = _tl_replacement_model(hf, tok, tset, tmp_path / "tokenizer")
+    model = tl_replacement_model(hf, tok, tset, tmp_path / "tokenizer")
     ids = torch.tensor([tok.bos_token_id] + tok("the quick brown fox jumps")["input_ids"])
     with torch.no_grad():
         torch.testing.assert_close(model(ids[None]), hf(ids[None]).logits, rtol=1e-4, atol=1e-4)  # same model

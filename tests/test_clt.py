@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
 import yaml
@@ -19,9 +18,8 @@ from framework.config import ConfigError, load_config
 from framework.kinds import build_sae
 from framework.losses import TrainingBatch
 from framework.train import train
+from tracer_models import tl_replacement_model  # first: it readies circuit-tracer's imports
 
-if not hasattr(huggingface_hub.constants, "HF_HUB_ENABLE_HF_TRANSFER"):  # see tests/test_circuit_tracer_export.py
-    huggingface_hub.constants.HF_HUB_ENABLE_HF_TRANSFER = False
 
 LAYERS, D = 4, 64  # tiny-gpt2
 KINDS = ["clt", "jumprelu_clt"]
@@ -231,6 +229,39 @@ def test_circuit_tracer_loads_our_clt_and_computes_the_same(runs, tmp_path):
     assert rel <= 1e-5, rel
     reloaded = export.load_exported(folder)  # our own loader of the same files
     torch.testing.assert_close(reloaded.reconstruct(x)[agree], mine[agree], rtol=1e-5, atol=1e-5 * mine.abs().max().item())
+
+
+def test_attribution_graph_on_tiny_gpt2_uses_our_clt_features(runs, tmp_path):
+    """circuit-tracer's attribution over our exported CLT (spanning all of tiny-gpt2's layers):
+    the graph's active features are the ones our CLT finds on the same tokens."""
+    from circuit_tracer import attribute  # noqa: PLC0415
+
+    from framework import hooks  # noqa: PLC0415
+    from framework.config import ModelConfig  # noqa: PLC0415
+    from framework.llm import load_frozen  # noqa: PLC0415
+
+    folder = runs / "straight" / "export" / "clt"
+    hf, tok = load_frozen(ModelConfig(name="tiny-gpt2"), seed=0)  # the model the run trained on (seed 0)
+    model = tl_replacement_model(hf, tok, clt_export.circuit_tracer_clt(folder), tmp_path / "tokenizer")
+    ids = torch.tensor([tok.bos_token_id] + tok("the quick brown fox jumps over")["input_ids"])
+    specs = [hooks.parse_site(f"blocks.{L}.resid_mid") for L in range(LAYERS)]
+    with torch.no_grad(), hooks.capture(hf, specs, stop_early=False) as acts:
+        hf(ids[None])
+    graph = attribute(ids, model, max_n_logits=3, batch_size=64)
+    n_pos, n_feat = ids.numel(), graph.active_features.shape[0]
+    assert n_feat > 0 and torch.isfinite(graph.adjacency_matrix).all()
+    assert graph.adjacency_matrix.shape[0] == n_feat + LAYERS * n_pos + n_pos + len(graph.logit_targets)
+    ours = export.load_exported(folder)  # raw units
+    x = torch.cat([acts[s.name][0] for s in specs], 1)  # [positions, layers * d]
+    with torch.no_grad():
+        out = ours(x)
+    agree = _agreeing_rows(ours, out, x)  # positions whose selection no rounding can flip
+    mine = {(L, pos, feat) for L in range(LAYERS) for pos, feat in _as_dense(ours, out, L).nonzero().tolist()
+            if pos > 0 and agree[pos]}  # circuit-tracer zeroes position 0 (BOS)
+    theirs = {tuple(f) for f in graph.active_features.tolist() if agree[f[1]]}
+    assert int(agree[1:].sum()) >= n_pos // 2 and mine == theirs, sorted(mine ^ theirs)[:10]
+    print(f"attribution graph over our CLT: {n_feat} active features, {len(mine)} compared at {int(agree[1:].sum())} of "
+          f"{n_pos - 1} positions")
 
 
 def test_export_from_a_checkpoint_writes_the_clt_layout(runs, tmp_path):
