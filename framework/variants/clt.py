@@ -215,9 +215,9 @@ class CrossLayerTranscoder(SAEBase):
     def _split_by_layer(self, values: torch.Tensor, indices: torch.Tensor):
         """Per layer, its entries of each row, left-packed: [(values_i [B, w_i], local ids_i)],
         w_i = the most any row has (padding: value 0 at an id of the row, so one this module
-        holds). Each entry is then decoded into its
-        own layer's targets only (AuxK's k_aux = d_in/2 slots of a stacked input are many); one
-        stable sort by layer and one host sync for all layers."""
+        holds). Each entry is then decoded into its own layer's targets only (AuxK's k_aux =
+        d_in / 2 slots of a stacked input are many); one stable sort by layer and one host sync
+        for all layers."""
         B, width = indices.shape
         layer = indices // self.per_layer
         order = layer.argsort(dim=1, stable=True)
