@@ -56,6 +56,7 @@ PRESETS = (
     Preset("llama3_8b_all_layers", 4096, 65536, (64,), 8192),
     Preset("smollm2_resid25", 576, 4096, (32,), 1024),
     Preset("smollm2_transcoders", 576, 4096, (32,), 1024),
+    Preset("smollm2_clts", 576, 4096, (32,), 1024),  # per layer (a CLT runs the kernels layer by layer)
     Preset("vision_tiny", 64, 256, (8,), 136),
     Preset("vision_clip_b32", 768, 12288, (32,), 4096),
 )
