@@ -22,7 +22,7 @@ from tracer_models import tl_replacement_model  # first: it readies circuit-trac
 
 
 LAYERS, D = 4, 64  # tiny-gpt2
-KINDS = ["clt", "jumprelu_clt"]
+KINDS = ["clt", "jumprelu_clt"]  # every cross-layer kind (tests/test_saelens_interop.py checks the list)
 
 
 def _cfg(tmp_path: Path, text_dir: Path, **sae) -> Path:
