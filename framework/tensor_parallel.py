@@ -245,19 +245,15 @@ def copy_inputs_to_shards(group, x: torch.Tensor, offset: torch.Tensor):
 
 
 class LatentShard:
-    """Mixin of a module that holds one rank's rows of a dictionary's latents (`group`):
-    `sharded_rows()` names the tensors split by rows and into how many row groups (a tensor
-    whose rows are [groups, n, ...] keeps rows [start, end) of every group), the rest is
-    replicated; gradients of sharded tensors are local, of replicated ones the same on every
-    rank. `whole_blueprint()` builds an empty whole module of the same kind (gather_full)."""
+    """Mixin of a module that holds one rank's rows of a dictionary's latents (`group`). The
+    module defines `sharded_rows()`: the names of the tensors split by rows and into how many
+    row groups (a tensor whose rows are [groups, n, ...] keeps rows [start, end) of every
+    group); the rest is replicated, gradients of sharded tensors are local, of replicated ones
+    the same on every rank. It also defines `whole_blueprint()`: an empty whole module of the
+    same kind, for gather_full. LatentShardedTopK and framework/clt_sharding.py's
+    LatentShardedCLT are the two."""
 
     group = None
-
-    def sharded_rows(self) -> dict[str, int]:
-        raise NotImplementedError
-
-    def whole_blueprint(self):
-        raise NotImplementedError
 
     def sharded_parameters(self) -> list[nn.Parameter]:
         named = dict(self.named_parameters())
