@@ -46,6 +46,16 @@ def project_out_radial(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return torch.addcmul(grad, torch.linalg.vecdot(grad, weight).unsqueeze(1), weight, value=-1)  # one pass out
 
 
+@dataclass(frozen=True)
+class AuxRequest:
+    """AuxK's selection, known before the forward (the dead latents are counted at step start),
+    so that a kind's encode can make it in the same pass over the pre-activations as its own
+    (TopK's fused CPU encode does): the top `k` among `latent_ids` (ascending) per token."""
+
+    latent_ids: torch.Tensor
+    k: int
+
+
 @dataclass
 class TrainingBatch:
     """What a kind's training forward gets with its input (inference passes None): the target
@@ -55,6 +65,7 @@ class TrainingBatch:
     target: torch.Tensor | None
     lm_grad: torch.Tensor | None = None
     reduce: Reduce = _local
+    aux_request: AuxRequest | None = None
     _normalisers: dict = field(default_factory=dict, repr=False)
 
     def centered_sum_sq(self, t: torch.Tensor) -> torch.Tensor:
@@ -82,13 +93,18 @@ class TrainingBatch:
 
 
 def aux_k_loss(sae, x: torch.Tensor, residual: torch.Tensor, latent_ids: torch.Tensor, k_aux: int,
-               batch: TrainingBatch) -> torch.Tensor:
+               batch: TrainingBatch, selection: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """AuxK (Gao et al. 2024) on a latent subset (the dead latents; aux_zipf: the under-used
     ones): their top k_aux pre-activations per token predict the (detached) residual the
-    active latents left, decoded WITHOUT b_dec, scaled by min(|subset| / k_aux, 1). Only the
-    subset's encoder rows are multiplied (`sae.encode_rows`: B*d*|subset|, and latent shards
-    select among their own rows globally)."""
-    take = min(k_aux, latent_ids.numel())
-    values, ids = sae.encode_rows(x, latent_ids, take)
+    active latents left, decoded WITHOUT b_dec, scaled by min(|subset| / k_aux, 1).
+    `selection`: (values, latent ids) of that top k_aux when the forward's encode made it
+    (SAEOutput.aux_selection); else only the subset's encoder rows are multiplied here
+    (`sae.encode_rows`: B*d*|subset|, and latent shards select among their own rows globally)."""
+    values, ids = selection if selection is not None else sae.encode_rows(x, latent_ids, aux_k_take(k_aux, latent_ids))
     e_hat = sae.decode(values, ids, with_bias=False)
     return min(latent_ids.numel() / k_aux, 1.0) * batch.normalized_mse(e_hat, residual)
+
+
+def aux_k_take(k_aux: int, latent_ids: torch.Tensor) -> int:
+    """How many of the subset AuxK decodes per token."""
+    return min(k_aux, latent_ids.numel())

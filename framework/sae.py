@@ -32,6 +32,8 @@ class SAEOutput:
     values: torch.Tensor  # [B, k]: codes (0 where a slot is unused)
     indices: torch.Tensor  # [B, k]: latent ids
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # a kind's extra loss terms, weighted
+    # (values, latent ids) [B, k_aux]: AuxK's selection when the encode made it (batch.aux_request)
+    aux_selection: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -172,9 +174,16 @@ class TopKSAE(SAEBase):
 
     def forward(self, x: torch.Tensor, k: int | None = None, batch: TrainingBatch | None = None) -> SAEOutput:
         """`batch` (training only): the target, LM gradient and cross-rank reduction a kind's
-        own losses and selections may use (framework/losses.py); TopK needs none of them."""
-        values, indices = self.encode(x, k)
-        return SAEOutput(self.decode(values, indices), values, indices)
+        own losses and selections may use (framework/losses.py); TopK uses only its AuxK
+        request, selecting the dead latents' top k_aux in the same encode."""
+        request = batch.aux_request if batch is not None else None
+        if request is None:
+            values, indices = self.encode(x, k)
+            return SAEOutput(self.decode(values, indices), values, indices)
+        values, indices, aux_values, aux_ids = kernels.topk_encode_with_aux(
+            x, self.encoder_weight, self.encoder_bias, self.input_offset(), k or self.k, request.latent_ids,
+            request.k, use_abs=self.use_abs)
+        return SAEOutput(self.decode(values, indices), values, indices, aux_selection=(aux_values, aux_ids))
 
     def training_batch(self, x: torch.Tensor, batch: TrainingBatch | None) -> TrainingBatch:
         """`batch`, or one process's batch of `x` for a training forward called without one (an

@@ -25,7 +25,7 @@ from torch import nn
 from framework import optim
 from framework.engine import Engine
 from framework.kinds import build_sae
-from framework.losses import TrainingBatch, aux_k_loss, project_out_radial
+from framework.losses import AuxRequest, TrainingBatch, aux_k_loss, aux_k_take, project_out_radial
 from framework.runners import Runner
 from framework.schema import SAEConfig, TrainConfig
 from framework.stateful import Saved, State, StateDict
@@ -76,12 +76,14 @@ class SAEObjective(nn.Module):
         sae = self.sae
         x, y = sae.normalize_input(x_raw), sae.normalize_target(y_raw)
         lm_grad = sae.normalize_lm_grad(lm_grad_raw) if lm_grad_raw is not None else None
-        batch = TrainingBatch(target=y, lm_grad=lm_grad, reduce=self.reduce)
+        with_aux = dead_ids is not None and dead_ids.numel() > 0
+        request = AuxRequest(dead_ids, aux_k_take(self.aux_k, dead_ids)) if with_aux else None
+        batch = TrainingBatch(target=y, lm_grad=lm_grad, reduce=self.reduce, aux_request=request)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = sae(x, k, batch=batch)
             fvu = sae.reconstruction_loss(out.x_hat.float(), batch)
-            aux = (aux_k_loss(sae, x, (y - out.x_hat).detach().float(), dead_ids, self.aux_k, batch)
-                   if dead_ids is not None and dead_ids.numel() else fvu.new_zeros(()))
+            aux = (aux_k_loss(sae, x, (y - out.x_hat).detach().float(), dead_ids, self.aux_k, batch, out.aux_selection)
+                   if with_aux else fvu.new_zeros(()))
             loss = fvu + self.cfg.aux_coef * aux + sum(out.losses.values(), fvu.new_zeros(()))
         # x world: the runner averages gradients over the ranks; the global loss is their sum.
         return loss * self.world, fvu.detach(), aux.detach(), out

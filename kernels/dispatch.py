@@ -98,6 +98,25 @@ def topk_encode(
     )
 
 
+def topk_encode_with_aux(
+    x, encoder_weight, encoder_bias, b_dec, k, aux_ids, k_aux, *, use_abs=False, backend="auto", deterministic=None,
+    compute_dtype=None, tf32=None,
+):
+    """topk_encode plus AuxK's selection: (values, indices, aux_values, aux_indices), the aux
+    pair being the k_aux largest (same scoring) among the latents `aux_ids` (ascending int64).
+    On CPU both come from one pass over the pre-activation tiles, and one backward; the Triton
+    backend encodes the aux latents' rows in a second call."""
+    mod = backend_for(x, backend)
+    if mod is reference:
+        return reference.topk_encode_with_aux(x, encoder_weight, encoder_bias, b_dec, k, aux_ids, k_aux,
+                                              use_abs=use_abs)
+    options = {"use_abs": use_abs, "backend": backend, "deterministic": deterministic, "compute_dtype": compute_dtype,
+               "tf32": tf32}
+    values, indices = topk_encode(x, encoder_weight, encoder_bias, b_dec, k, **options)
+    aux_values, sub = topk_encode(x, encoder_weight[aux_ids], encoder_bias[aux_ids], b_dec, k_aux, **options)
+    return values, indices, aux_values, aux_ids[sub]
+
+
 def encode_at(x, encoder_weight, encoder_bias, b_dec, indices, *, use_abs=False, backend="auto", deterministic=None):
     """relu(pre) (pre itself with use_abs) at the given [B, k] latent indices: the TopK encode's
     values and gradients for a selection made elsewhere (e.g. g-SAE's gradient-weighted one)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +35,13 @@ _TILE_ELEMS = 1 << 22  # rows x chunk of one pre-activation tile: 16 MiB in fp32
 _BATCH_CHUNK_ELEMS = 1 << 18  # bound on B_chunk * k * d temporaries (non-CPU fallback)
 _CSR_DTYPES = (torch.float32, torch.float64)  # what the CPU sparse kernels implement
 _CSR_MIN_WORK = 1 << 20  # B*k*d below which the plain loops win (no sparse-kernel setup)
-# k / (latents hit) above which G^T @ rows is cheaper as a dense product over the hit latents:
-# a dense matmul does >= 25x more multiply-adds per second than the CSR kernel, which degrades
-# further with many non-zeros per row (AuxK: k_aux = 256 of ~1.7k dead latents, 7.6x faster).
+# k / (latents hit) above which a selection's products run densely over the hit latents
+# (HitLatents): AuxK's k_aux = 256 of ~1.7k dead latents per token.
 _DENSE_SCATTER_DENSITY = 1 / 32
 _DENSE_SCATTER_ELEMS = 1 << 24  # bound on the dense [rows, latents hit] block (64 MiB fp32)
 
 _EXT_ROWS, _EXT_CHUNK = 512, 1024  # rows x latents of a fused CPU selection tile (2 MiB fp32: in L2)
+_EXT_AUX_ELEMS = 1 << 21  # rows x aux latents gathered per fused task (8 MiB fp32)
 
 _scratch_buffers = threading.local()
 
@@ -127,6 +128,16 @@ def _keep_topk(best, k):
     return score, None if pre is None else pre.gather(1, pos), idx.gather(1, pos)
 
 
+class Selection(NamedTuple):
+    """The k best latents per row; with an AuxK request also the k_aux best among its latents."""
+
+    pre: torch.Tensor  # [B, k] pre-activations
+    indices: torch.Tensor  # [B, k] latent ids
+    valid: torch.Tensor  # [B, k]: False where fewer than k latents were allowed
+    aux_pre: torch.Tensor | None = None  # [B, k_aux]
+    aux_indices: torch.Tensor | None = None  # [B, k_aux], among the requested latents
+
+
 @torch.no_grad()
 def select_topk(
     x_centered: torch.Tensor,
@@ -136,22 +147,63 @@ def select_topk(
     use_abs: bool = False,
     latent_mask: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_LATENT_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    aux: tuple[torch.Tensor, int] | None = None,
+) -> Selection:
     """Pre-activations and indices of the k best latents per row, plus a validity mask.
 
     The best latents maximise `pre` (or `|pre|` with use_abs) among latents allowed by
-    `latent_mask`. `valid` is False where fewer than k latents were allowed.
+    `latent_mask`. `aux` = (ascending latent ids, k_aux <= their count): also the k_aux best
+    among those (AuxK's dead latents; latent_mask does not apply), from the same tiles when the
+    fused CPU selection runs, else from a second pass over their encoder rows.
     """
     B, n = x_centered.shape[0], encoder_weight.shape[0]
     bias = encoder_bias
     if latent_mask is not None and not use_abs:
         bias = encoder_bias.masked_fill(~latent_mask, float("-inf"))  # can never be selected
+    aux_ids, k_aux = aux if aux is not None else (None, 0)
+    if aux is not None:
+        _check_aux(aux_ids, k_aux, n)
     fused = _fused_cpu_selection(x_centered, encoder_weight, bias, k)
+    # AuxK's latents ride on the fused tiles unless a masked bias would hide some of them
+    fuse_aux = aux is not None and fused is not None and (latent_mask is None or use_abs)
     if fused is not None:
-        rows_per_task = max(1, min(_EXT_ROWS, -(-B // (2 * torch.get_num_threads()))))  # >= 2 tasks a thread
-        pre, idx, score = fused.select_topk(*(t.detach().contiguous() for t in (x_centered, encoder_weight, bias)),
-                                            k, use_abs, latent_mask if use_abs else None, _EXT_CHUNK, rows_per_task)
-        return pre, idx, torch.isfinite(score)
+        main = _select_fused(fused, x_centered, encoder_weight, bias, k, use_abs, latent_mask if use_abs else None,
+                             aux if fuse_aux else None)
+    else:
+        main = _select_topk_tiles(x_centered, encoder_weight, bias, k, use_abs, latent_mask, chunk_size)
+    if aux is None or fuse_aux:
+        return main
+    sub = select_topk(x_centered, encoder_weight[aux_ids], encoder_bias[aux_ids], k_aux, use_abs,
+                      chunk_size=chunk_size)
+    return main._replace(aux_pre=sub.pre, aux_indices=aux_ids[sub.indices])
+
+
+def _select_fused(ext, x_centered, encoder_weight, bias, k, use_abs, abs_mask, aux) -> Selection:
+    """kernels/cpu_topk.cpp's selection (with `aux`, AuxK's from the same tiles)."""
+    B = x_centered.shape[0]
+    rows_per_task = max(1, min(_EXT_ROWS, -(-B // (2 * torch.get_num_threads()))))  # >= 2 tasks a thread
+    aux_ids, k_aux = aux if aux is not None else (None, 0)
+    if aux is not None:  # bound the per-task buffer of the aux latents' pre-activations
+        rows_per_task = max(1, min(rows_per_task, _EXT_AUX_ELEMS // aux_ids.numel()))
+        aux_ids = aux_ids.contiguous()
+    pre, idx, score, aux_pre, aux_idx = ext.select_topk(
+        *(t.detach().contiguous() for t in (x_centered, encoder_weight, bias)), k, use_abs, abs_mask, _EXT_CHUNK,
+        rows_per_task, aux_ids, k_aux)
+    main = Selection(pre, idx, torch.isfinite(score))
+    return main if aux is None else main._replace(aux_pre=aux_pre, aux_indices=aux_idx)
+
+
+def _check_aux(aux_ids: torch.Tensor, k_aux: int, n: int) -> None:
+    if aux_ids.dtype != torch.int64 or aux_ids.dim() != 1 or not 1 <= k_aux <= aux_ids.numel():
+        raise ValueError(f"aux selection: want 1-d int64 latent ids and 1 <= k_aux <= their count, got "
+                         f"{aux_ids.dtype} ids of shape {tuple(aux_ids.shape)} and k_aux={k_aux}")
+    if bool((aux_ids[1:] <= aux_ids[:-1]).any()) or int(aux_ids[0]) < 0 or int(aux_ids[-1]) >= n:
+        raise ValueError(f"aux selection: latent ids must be distinct, ascending and in [0, {n})")
+
+
+def _select_topk_tiles(x_centered, encoder_weight, bias, k, use_abs, latent_mask, chunk_size) -> Selection:
+    """The PyTorch selection: a running top-k over [rows x chunk] tiles (see _merge_topk)."""
+    B, n = x_centered.shape[0], encoder_weight.shape[0]
     chunk = max(1, min(chunk_size, n))
     block = max(1, min(B, _TILE_ELEMS // chunk))
     dtype = torch.promote_types(x_centered.dtype, encoder_weight.dtype)
@@ -178,8 +230,7 @@ def select_topk(
     )
     if best_pre is None:
         best_pre = best_score
-    valid = torch.isfinite(best_score)
-    return best_pre, best_idx, valid
+    return Selection(best_pre, best_idx, torch.isfinite(best_score))
 
 
 def _fused_cpu_selection(x_centered, encoder_weight, bias, k):
@@ -217,16 +268,49 @@ def _csr(crow, col, values, size):
         return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
+class HitLatents(NamedTuple):
+    """The latents a [B, k] selection hits, when it is dense over them (AuxK: 256 of ~1.7k dead
+    latents per token): products over those columns then run as dense matmuls, >= 25x more
+    multiply-adds per second than the gathers and CSR kernels, which degrade further with many
+    non-zeros per row (a dense product over the hit latents was 3-7x faster at AuxK's shapes)."""
+
+    ids: torch.Tensor  # [h] ascending latent ids
+    local: torch.Tensor  # [B, k]: each selected latent's column among them
+
+    @staticmethod
+    def of(indices: torch.Tensor, n_latents: int) -> "HitLatents | None":
+        """The layout if dense enough (k >= _DENSE_SCATTER_DENSITY * hit latents), else None."""
+        ids = torch.bincount(indices.reshape(-1), minlength=n_latents).nonzero().squeeze(1)
+        if indices.shape[1] < _DENSE_SCATTER_DENSITY * ids.numel():
+            return None
+        position = torch.empty(n_latents, dtype=torch.int64, device=indices.device)
+        position[ids] = torch.arange(ids.numel(), device=indices.device)
+        return HitLatents(ids, position[indices])
+
+    def row_blocks(self):
+        """Row slices whose dense [rows, hit] block stays within _DENSE_SCATTER_ELEMS."""
+        B, step = self.local.shape[0], max(1, _DENSE_SCATTER_ELEMS // max(self.ids.numel(), 1))
+        return (slice(r0, min(r0 + step, B)) for r0 in range(0, B, step))
+
+    def dense(self, rows: slice, coeffs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The selection's [rows, hit] block with `coeffs` at its entries (summed where repeated)."""
+        block = torch.zeros(rows.stop - rows.start, self.ids.numel(), dtype=dtype, device=coeffs.device)
+        return block.scatter_add_(1, self.local[rows], coeffs[rows].to(dtype))
+
+
 def scatter_outer(
-    indices: torch.Tensor, coeffs: torch.Tensor, rows: torch.Tensor, n_latents: int
+    indices: torch.Tensor, coeffs: torch.Tensor, rows: torch.Tensor, n_latents: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """sum_b sum_j coeffs[b, j] * rows[b] added at latent indices[b, j]: G^T @ rows with
-    G sparse [B, n_latents] (k non-zeros per row). Cost B*k*d, never B*n."""
+    G sparse [B, n_latents] (k non-zeros per row). Cost B*k*d, never B*n. With `out` (an
+    earlier [n_latents, d] result, e.g. TopK's when this is AuxK's), the sum is added into it."""
     B, k = indices.shape
     d = rows.shape[1]
-    hit = torch.bincount(indices.reshape(-1), minlength=n_latents).nonzero().squeeze(1)
-    if k >= _DENSE_SCATTER_DENSITY * hit.numel():
-        return _scatter_outer_dense(indices, coeffs, rows, hit, n_latents)
+    hits = HitLatents.of(indices, n_latents)
+    if hits is not None:
+        return _scatter_outer_dense(hits, coeffs, rows, n_latents, out)
+    if out is not None:
+        return out.add_(scatter_outer(indices, coeffs, rows, n_latents))
     if _use_csr(rows, B * k * d):
         # G^T in CSR: its rows are latents, so sort the (token, slot) pairs by latent.
         dt = _csr_dtype(rows)
@@ -247,28 +331,31 @@ def scatter_outer(
     return out
 
 
-def _scatter_outer_dense(indices, coeffs, rows, hit, n_latents):
+def _scatter_outer_dense(hits: HitLatents, coeffs, rows, n_latents, out=None):
     """scatter_outer as G_hit^T @ rows with G_hit the dense [B, |hit|] block of G's hit columns."""
-    B, d = rows.shape
-    local = torch.empty(n_latents, dtype=torch.int64, device=indices.device)
-    local[hit] = torch.arange(hit.numel(), device=indices.device)
-    local = local[indices]
-    acc = rows.new_zeros(hit.numel(), d)
-    step = max(1, _DENSE_SCATTER_ELEMS // max(hit.numel(), 1))
+    acc = rows.new_zeros(hits.ids.numel(), rows.shape[1])
     with torch.autocast(rows.device.type, enabled=False):
-        for r0 in range(0, B, step):
-            sl = slice(r0, min(r0 + step, B))
-            g = rows.new_zeros(sl.stop - sl.start, hit.numel()).scatter_add_(1, local[sl], coeffs[sl].to(rows.dtype))
-            acc.addmm_(g.T, rows[sl])
-    if hit.numel() == n_latents:
+        for sl in hits.row_blocks():
+            acc.addmm_(hits.dense(sl, coeffs, rows.dtype).T, rows[sl])
+    if out is not None:
+        return out.index_add_(0, hits.ids, acc.to(out.dtype))
+    if hits.ids.numel() == n_latents:
         return acc
-    return rows.new_zeros(n_latents, d).index_copy_(0, hit, acc)
+    return rows.new_zeros(n_latents, rows.shape[1]).index_copy_(0, hits.ids, acc)
 
 
 def gather_dot(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """out[b, j] = <vectors[b], table[indices[b, j]]>: (vectors @ table^T) sampled at the
-    k selected entries per row, never the dense product."""
+    k selected entries per row, never the dense product over all latents."""
     B, k = indices.shape
+    hits = HitLatents.of(indices, table.shape[0])
+    if hits is not None:
+        out = vectors.new_empty(indices.shape)
+        sub = table[hits.ids].to(vectors.dtype)
+        with torch.autocast(vectors.device.type, enabled=False):
+            for sl in hits.row_blocks():
+                out[sl] = (vectors[sl] @ sub.T).gather(1, hits.local[sl])
+        return out
     if _use_csr(vectors, B * k * table.shape[1]):
         dt = _csr_dtype(vectors)
         cols, perm = indices.sort(dim=1)  # CSR wants sorted columns within a row
@@ -287,41 +374,69 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor
 def gather_sum(indices: torch.Tensor, values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """out[b] = sum_j values[b, j] * table[indices[b, j]] (an embedding bag, in the table's
     dtype: e.g. bf16 values from an autocast region with fp32 weights)."""
-    return F.embedding_bag(indices, table, per_sample_weights=values.to(table.dtype), mode="sum")
+    hits = HitLatents.of(indices, table.shape[0])
+    if hits is None:
+        return F.embedding_bag(indices, table, per_sample_weights=values.to(table.dtype), mode="sum")
+    out = table.new_empty(indices.shape[0], table.shape[1])
+    sub = table[hits.ids]
+    with torch.autocast(table.device.type, enabled=False):
+        for sl in hits.row_blocks():
+            torch.mm(hits.dense(sl, values, table.dtype), sub, out=out[sl])
+    return out
+
+
+def _passed(live: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.where(live, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _encoder_grads(needs_input_grad, x_centered, encoder_weight, selections):
+    """Gradients in (x, W_enc, b_enc, b_dec) of an encode whose outputs are the values at the
+    given (indices, live, upstream gradient) selections: TopK's, and AuxK's from the same pass."""
+    n = encoder_weight.shape[0]
+    need_x, need_w, need_benc, need_bdec = needs_input_grad[:4]
+    coeffs = [(idx, _passed(live, grad)) for idx, live, grad in selections]
+    grad_x = grad_w = grad_benc = grad_bdec = None
+    if need_benc or need_bdec:
+        grad_benc = coeffs[0][1].new_zeros(n)
+        for idx, g in coeffs:
+            grad_benc.index_add_(0, idx.reshape(-1), g.reshape(-1))
+    if need_w:
+        for idx, g in coeffs:
+            grad_w = scatter_outer(idx, g, x_centered, n, out=grad_w)
+        grad_w = grad_w.to(encoder_weight.dtype)
+    if need_x:
+        grad_x = sum(gather_sum(idx, g, encoder_weight) for idx, g in coeffs)
+    if need_bdec:
+        # Reduce over the batch first: sum_b grad_x[b] = grad_b_enc @ W_enc, one matvec.
+        grad_bdec = -(grad_benc @ encoder_weight)
+    return grad_x, grad_w, grad_benc if need_benc else None, grad_bdec
 
 
 class TopKEncode(torch.autograd.Function):
-    """values, indices = TopK((x - b_dec) @ W_enc^T + b_enc), backward through the k only."""
+    """values, indices = TopK((x - b_dec) @ W_enc^T + b_enc), backward through the k only.
+    With `aux` = (latent ids, k_aux), also AuxK's values and indices among those latents, from
+    the same pass; its backward then adds theirs."""
 
     @staticmethod
-    def forward(ctx, x, encoder_weight, encoder_bias, b_dec, k, use_abs, latent_mask, chunk_size):
+    def forward(ctx, x, encoder_weight, encoder_bias, b_dec, k, use_abs, latent_mask, chunk_size, aux=None):
         x_centered = x - b_dec
-        pre, idx, valid = select_topk(
-            x_centered, encoder_weight, encoder_bias, k, use_abs, latent_mask, chunk_size
-        )
-        live = _activation_mask(pre, valid, use_abs)
-        values = torch.where(live, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
-        ctx.save_for_backward(x_centered, encoder_weight, idx, live)
-        ctx.mark_non_differentiable(idx)
-        return values, idx
+        sel = select_topk(x_centered, encoder_weight, encoder_bias, k, use_abs, latent_mask, chunk_size, aux)
+        live = _activation_mask(sel.pre, sel.valid, use_abs)
+        outputs, saved = [_passed(live, sel.pre), sel.indices], [sel.indices, live]
+        if aux is not None:
+            aux_live = _activation_mask(sel.aux_pre, torch.ones_like(sel.aux_indices, dtype=torch.bool), use_abs)
+            outputs += [_passed(aux_live, sel.aux_pre), sel.aux_indices]
+            saved += [sel.aux_indices, aux_live]
+        ctx.save_for_backward(x_centered, encoder_weight, *saved)
+        ctx.mark_non_differentiable(*outputs[1::2])
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad_values, _grad_idx):
-        x_centered, encoder_weight, idx, live = ctx.saved_tensors
-        n = encoder_weight.shape[0]
-        g = torch.where(live, grad_values, torch.zeros((), dtype=grad_values.dtype, device=grad_values.device))
-        need_x, need_w, need_benc, need_bdec = ctx.needs_input_grad[:4]
-        grad_x = grad_w = grad_benc = grad_bdec = None
-        if need_benc or need_bdec:
-            grad_benc = g.new_zeros(n).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        if need_w:
-            grad_w = scatter_outer(idx, g, x_centered, n).to(encoder_weight.dtype)
-        if need_x:
-            grad_x = gather_sum(idx, g, encoder_weight)
-        if need_bdec:
-            # Reduce over the batch first: sum_b grad_x[b] = grad_b_enc @ W_enc, one matvec.
-            grad_bdec = -(grad_benc @ encoder_weight)
-        return grad_x, grad_w, grad_benc if need_benc else None, grad_bdec, None, None, None, None
+    def backward(ctx, *grads):
+        x_centered, encoder_weight, *saved = ctx.saved_tensors
+        selections = [(idx, live, grad) for idx, live, grad in zip(saved[0::2], saved[1::2], grads[0::2])]
+        return (*_encoder_grads(ctx.needs_input_grad, x_centered, encoder_weight, selections),
+                None, None, None, None, None)
 
 
 class EncodeAt(torch.autograd.Function):
@@ -333,11 +448,13 @@ class EncodeAt(torch.autograd.Function):
         pre = gather_dot(indices, encoder_weight, x_centered) + encoder_bias[indices]
         live = torch.ones_like(pre, dtype=torch.bool) if use_abs else pre > 0
         ctx.save_for_backward(x_centered, encoder_weight, indices, live)
-        return torch.where(live, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+        return _passed(live, pre)
 
     @staticmethod
     def backward(ctx, grad_values):
-        return (*TopKEncode.backward(ctx, grad_values, None)[:4], None, None)
+        x_centered, encoder_weight, indices, live = ctx.saved_tensors
+        return (*_encoder_grads(ctx.needs_input_grad, x_centered, encoder_weight, [(indices, live, grad_values)]),
+                None, None)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -371,6 +488,12 @@ def topk_encode(
     chunk_size: int = DEFAULT_LATENT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return TopKEncode.apply(x, encoder_weight, encoder_bias, b_dec, k, use_abs, latent_mask, chunk_size)
+
+
+def topk_encode_with_aux(x, encoder_weight, encoder_bias, b_dec, k, aux_ids, k_aux, *, use_abs=False,
+                         chunk_size=DEFAULT_LATENT_CHUNK):
+    """topk_encode and AuxK's selection in one pass: (values, indices, aux values, aux indices)."""
+    return TopKEncode.apply(x, encoder_weight, encoder_bias, b_dec, k, use_abs, None, chunk_size, (aux_ids, k_aux))
 
 
 def encode_at(x, encoder_weight, encoder_bias, b_dec, indices, *, use_abs: bool = False) -> torch.Tensor:

@@ -169,3 +169,72 @@ def test_fused_cpu_selection_matches_the_torch_path(monkeypatch, use_abs, allowe
         assert torch.equal(picked, mask.nonzero().squeeze(1).expand(B, -1))
     got = torch.where(valid, fused[0], 0).double()
     torch.testing.assert_close(got, torch.where(valid, pre.gather(1, fused[1]), 0), atol=1e-4, rtol=1e-4)
+
+
+def _dense_scores(x, W, b, use_abs, columns=None):
+    pre = x.detach().double() @ W.detach().double().T + b.detach().double()
+    pre = pre if columns is None else pre[:, columns]
+    return pre, (pre.abs() if use_abs else pre)
+
+
+@pytest.mark.parametrize("use_abs,masked", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("selection", ["torch", "fused"])
+def test_aux_selection_is_the_top_k_among_its_latents(monkeypatch, use_abs, masked, selection):
+    """AuxK's selection made with the encode (`aux=`): the top k_aux among the requested latents
+    only, unrestricted by latent_mask, with the right pre-activations; the main selection is
+    unchanged. Fused: many tasks, tiles and aux buffers of a few rows."""
+    if selection == "fused":
+        assert cpu_ext.load() is not None, "the fused CPU TopK did not build: see the warning"
+        monkeypatch.setattr(ref, "_EXT_CHUNK", 96)
+        monkeypatch.setattr(ref, "_EXT_AUX_ELEMS", 3 * 150)  # 3 rows a task
+    else:
+        monkeypatch.setenv(cpu_ext.ENV_SWITCH, "0")
+    B, d, n, k, k_aux = 300, 24, 1000, 8, 20
+    x, W, b, _ = (t.detach() for t in _inputs(B, d, n, seed=11 + use_abs + 2 * masked, dtype=torch.float32))
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(5))[:150].sort().values
+    mask = (torch.arange(n) % 3 != 0) if masked else None
+    sel = ref.select_topk(x, W, b, k, use_abs, mask, aux=(ids, k_aux))
+    _, score = _dense_scores(x, W, b, use_abs)
+    if mask is not None:
+        score = score.masked_fill(~mask, float("-inf"))
+    assert sel.valid.all()
+    assert_same_topk(sel.indices, score, k)  # (a row may differ only at a float32 near-tie)
+    aux_pre, aux_score = _dense_scores(x, W, b, use_abs, ids)
+    positions = torch.searchsorted(ids, sel.aux_indices)
+    assert torch.equal(ids[positions], sel.aux_indices)  # only requested latents
+    assert assert_same_topk(positions, aux_score, k_aux).float().mean() > 0.95
+    torch.testing.assert_close(sel.aux_pre.double(), aux_pre.gather(1, positions), atol=1e-4, rtol=1e-4)
+    if masked:
+        assert (~mask[sel.aux_indices]).any()  # the mask does not restrict AuxK's latents
+
+
+@pytest.mark.parametrize("use_abs", [False, True])
+def test_encode_with_aux_routes_both_gradients(use_abs):
+    """topk_encode_with_aux's values at both selections carry the dense float64 gradients of
+    relu(pre) (pre with use_abs) at the selected entries, summed where the two overlap."""
+    B, d, n, k, k_aux = 23, 7, 60, 4, 6
+    inp = _inputs(B, d, n, seed=21 + use_abs)
+    ids = torch.arange(1, n, 3)  # 20 latents, some also in the main selection
+    v, i, av, ai = ref.topk_encode_with_aux(*inp, k, ids, k_aux, use_abs=use_abs, chunk_size=16)
+    dense_inp = [t.detach().clone().requires_grad_() for t in inp]
+    x, W, b_enc, b_dec = dense_inp
+    pre = (x - b_dec) @ W.T + b_enc
+    score = pre.abs() if use_abs else pre
+    assert assert_same_topk(i, score, k).all()  # float64: the same arithmetic, no rounding flips
+    assert assert_same_topk(torch.searchsorted(ids, ai), score[:, ids], k_aux).all()
+    act = (lambda p: p) if use_abs else torch.relu
+    up, up_aux = torch.randn(B, k, dtype=v.dtype), torch.randn(B, k_aux, dtype=v.dtype)
+    torch.testing.assert_close(v, act(pre.gather(1, i)).detach())
+    torch.testing.assert_close(av, act(pre.gather(1, ai)).detach())
+    ((v * up).sum() + (av * up_aux).sum()).backward()
+    ((act(pre.gather(1, i)) * up).sum() + (act(pre.gather(1, ai)) * up_aux).sum()).backward()
+    for a, b in zip(inp, dense_inp):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_aux_selection_rejects_bad_requests():
+    x, W, b, _ = (t.detach() for t in _inputs(4, 3, 10, seed=1, dtype=torch.float32))
+    for ids, k_aux, why in [(torch.tensor([3, 1]), 1, "ascending"), (torch.tensor([1, 10]), 1, r"\[0, 10\)"),
+                            (torch.tensor([1, 2]), 3, "k_aux"), (torch.tensor([1.0, 2.0]), 1, "int64")]:
+        with pytest.raises(ValueError, match=why):
+            ref.select_topk(x, W, b, 2, aux=(ids, k_aux))

@@ -121,3 +121,33 @@ def test_load_exported_rejects_extra_tensors(tmp_path):
     save_file(tensors, str(folder / export.WEIGHTS_FILE))
     with pytest.raises(ValueError, match="expected"):
         export.load_exported(folder)
+
+
+@pytest.mark.parametrize("kind", ["topk", "abstopk"])
+def test_auxk_selected_in_the_encode_equals_auxk_encoded_apart(kind):
+    """TopK's training forward makes AuxK's selection in its own encode (batch.aux_request; on
+    CPU the fused selection's tiles): AuxK's loss and every gradient equal those of encoding the
+    dead latents' rows apart (`encode_rows`), as latent shards still do."""
+    from _selection import topk_margin  # noqa: PLC0415
+    from framework.losses import AuxRequest, TrainingBatch, aux_k_loss  # noqa: PLC0415
+
+    torch.manual_seed(3)
+    sae = build_sae(kind, 16, 200, 4)
+    with torch.no_grad():
+        sae.encoder_bias.normal_(std=0.1)
+    x = torch.randn(32, 16)
+    dead = torch.arange(0, 200, 3)
+    pre = (x - sae.b_dec).double() @ sae.encoder_weight.double().T + sae.encoder_bias.double()
+    assert topk_margin(pre[:, dead].abs() if kind == "abstopk" else pre[:, dead], 8) > 1e-5  # no float32 flips
+    results = []
+    for together in (True, False):
+        sae.zero_grad()
+        batch = TrainingBatch(target=x, aux_request=AuxRequest(dead, 8))
+        out = sae(x, batch=batch)
+        assert out.aux_selection is not None
+        aux = aux_k_loss(sae, x, (x - out.x_hat).detach(), dead, 8, batch, out.aux_selection if together else None)
+        (batch.normalized_mse(out.x_hat) + aux).backward()
+        results.append([aux.detach()] + [p.grad.clone() for p in sae.parameters()])
+    assert results[0][0] > 0
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

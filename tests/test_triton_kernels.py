@@ -334,6 +334,27 @@ def test_encode_at_matches_reference():
         torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("use_abs", [False, True])
+def test_topk_encode_with_aux_on_the_kernels(monkeypatch, use_abs):
+    """AuxK's selection under the Triton dispatch (a second encode of the aux latents' rows)
+    equals the PyTorch backend's one-pass selection: values, latent ids and gradients."""
+    monkeypatch.setattr(dispatch, "_triton_backend", lambda: T)
+    B, d, n, k, k_aux = 9, 21, 40, 3, 4
+    inputs = _inputs(B, d, n, seed=23 + use_abs)
+    ids = torch.arange(2, n, 3)
+    results = []
+    for backend in ("auto", "torch"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        v, i, av, ai = dispatch.topk_encode_with_aux(*leaves, k, ids, k_aux, use_abs=use_abs, backend=backend)
+        order, aux_order = i.argsort(1), ai.argsort(1)  # slots are unordered: compare by latent id
+        v, i, av, ai = v.gather(1, order), i.gather(1, order), av.gather(1, aux_order), ai.gather(1, aux_order)
+        ((v * torch.linspace(-1, 1, k)).sum() + (av * torch.linspace(1, 2, k_aux)).sum()).backward()
+        results.append((v.detach(), i, av.detach(), ai, *(t.grad for t in leaves)))
+    assert dispatch.backend_for(inputs[0]) is T
+    for mine, theirs in zip(*results):
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4)
+
+
 def test_gsae_runs_on_the_kernels(monkeypatch):
     """g-SAE's gradient-weighted selection is followed by kernels.encode_at (no reference
     primitives): under the interpreter dispatch it runs the Triton kernels, and matches the
