@@ -35,13 +35,16 @@ _TILE_ELEMS = 1 << 22  # rows x chunk of one pre-activation tile: 16 MiB in fp32
 _BATCH_CHUNK_ELEMS = 1 << 18  # bound on B_chunk * k * d temporaries (non-CPU fallback)
 _CSR_DTYPES = (torch.float32, torch.float64)  # what the CPU sparse kernels implement
 _CSR_MIN_WORK = 1 << 20  # B*k*d below which the plain loops win (no sparse-kernel setup)
-# k / (latents hit) above which a selection's products run densely over the hit latents
-# (HitLatents): AuxK's k_aux = 256 of ~1.7k dead latents per token.
-_DENSE_SCATTER_DENSITY = 1 / 32
+# k / (latents hit) above which each product of a selection runs densely over the hit latents
+# (HitLatents). Measured at d=512, B=4096, k=256 (AuxK) on a 2-core Xeon: the dense products'
+# cost grows with the latents hit, the sparse kernels' does not; these are the break-evens.
+_DENSE_OVER_HITS = {"scatter_outer": 1 / 16, "gather_dot": 1 / 32, "gather_sum": 1 / 10}
 _DENSE_SCATTER_ELEMS = 1 << 24  # bound on the dense [rows, latents hit] block (64 MiB fp32)
 
 _EXT_ROWS, _EXT_CHUNK = 512, 1024  # rows x latents of a fused CPU selection tile (2 MiB fp32: in L2)
-_EXT_AUX_ELEMS = 1 << 21  # rows x aux latents gathered per fused task (8 MiB fp32)
+# rows x aux latents gathered per fused task (64 MiB fp32): fewer rows a task slowed the tiles'
+# GEMMs (at n=65536 with 10% dead, 320 rows instead of 512 doubled AuxK's share of the encode)
+_EXT_AUX_ELEMS = 1 << 24
 
 _scratch_buffers = threading.local()
 
@@ -278,10 +281,10 @@ class HitLatents(NamedTuple):
     local: torch.Tensor  # [B, k]: each selected latent's column among them
 
     @staticmethod
-    def of(indices: torch.Tensor, n_latents: int) -> "HitLatents | None":
-        """The layout if dense enough (k >= _DENSE_SCATTER_DENSITY * hit latents), else None."""
+    def of(indices: torch.Tensor, n_latents: int, op: str) -> "HitLatents | None":
+        """The layout if dense enough for `op` (k >= _DENSE_OVER_HITS[op] * hit latents), else None."""
         ids = torch.bincount(indices.reshape(-1), minlength=n_latents).nonzero().squeeze(1)
-        if indices.shape[1] < _DENSE_SCATTER_DENSITY * ids.numel():
+        if indices.shape[1] < _DENSE_OVER_HITS[op] * ids.numel():
             return None
         position = torch.empty(n_latents, dtype=torch.int64, device=indices.device)
         position[ids] = torch.arange(ids.numel(), device=indices.device)
@@ -306,7 +309,7 @@ def scatter_outer(
     earlier [n_latents, d] result, e.g. TopK's when this is AuxK's), the sum is added into it."""
     B, k = indices.shape
     d = rows.shape[1]
-    hits = HitLatents.of(indices, n_latents)
+    hits = HitLatents.of(indices, n_latents, "scatter_outer")
     if hits is not None:
         return _scatter_outer_dense(hits, coeffs, rows, n_latents, out)
     if out is not None:
@@ -348,7 +351,7 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor
     """out[b, j] = <vectors[b], table[indices[b, j]]>: (vectors @ table^T) sampled at the
     k selected entries per row, never the dense product over all latents."""
     B, k = indices.shape
-    hits = HitLatents.of(indices, table.shape[0])
+    hits = HitLatents.of(indices, table.shape[0], "gather_dot")
     if hits is not None:
         out = vectors.new_empty(indices.shape)
         sub = table[hits.ids].to(vectors.dtype)
@@ -374,7 +377,7 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor
 def gather_sum(indices: torch.Tensor, values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """out[b] = sum_j values[b, j] * table[indices[b, j]] (an embedding bag, in the table's
     dtype: e.g. bf16 values from an autocast region with fp32 weights)."""
-    hits = HitLatents.of(indices, table.shape[0])
+    hits = HitLatents.of(indices, table.shape[0], "gather_sum")
     if hits is None:
         return F.embedding_bag(indices, table, per_sample_weights=values.to(table.dtype), mode="sum")
     out = table.new_empty(indices.shape[0], table.shape[1])

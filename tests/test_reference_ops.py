@@ -94,7 +94,8 @@ def test_cpu_fast_paths_match_dense(monkeypatch, use_abs, masked, chunk, scatter
         monkeypatch.setenv(cpu_ext.ENV_SWITCH, "0")
     monkeypatch.setattr(ref, "_TILE_ELEMS", 64)  # 4-row blocks
     monkeypatch.setattr(ref, "_CSR_MIN_WORK", 0)
-    monkeypatch.setattr(ref, "_DENSE_SCATTER_DENSITY", 0.0 if scatter == "dense" else float("inf"))
+    monkeypatch.setattr(ref, "_DENSE_OVER_HITS", dict.fromkeys(ref._DENSE_OVER_HITS, 0.0 if scatter == "dense" else
+                                                                  float("inf")))
     monkeypatch.setattr(ref, "_DENSE_SCATTER_ELEMS", 7 * 40)  # several row chunks of the dense block
     monkeypatch.setattr(ref, "_scratch_buffers", __import__("threading").local())
     monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
