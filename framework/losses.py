@@ -100,7 +100,9 @@ def aux_k_loss(sae, x: torch.Tensor, residual: torch.Tensor, latent_ids: torch.T
     `selection`: (values, latent ids) of that top k_aux when the forward's encode made it
     (SAEOutput.aux_selection); else only the subset's encoder rows are multiplied here
     (`sae.encode_rows`: B*d*|subset|, and latent shards select among their own rows globally)."""
-    values, ids = selection if selection is not None else sae.encode_rows(x, latent_ids, aux_k_take(k_aux, latent_ids))
+    if selection is None:
+        selection = sae.encode_rows(x, latent_ids, aux_k_take(k_aux, latent_ids))
+    values, ids = selection
     e_hat = sae.decode(values, ids, with_bias=False)
     return min(latent_ids.numel() / k_aux, 1.0) * batch.normalized_mse(e_hat, residual)
 

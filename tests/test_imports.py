@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,14 @@ def test_every_module_imports_alone():
     assert done.returncode == 0, done.stderr[-3000:]
     failed = json.loads(done.stdout.strip().splitlines()[-1])
     assert not failed, failed
+
+
+def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise():
+    """Importing sparsemill before torch makes idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE,
+    read when torch loads libgomp); a policy the user set is kept."""
+    code = "import os, framework, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    unset = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                            capture_output=True, text=True, cwd=ROOT)
+    assert (unset.stdout.strip(), chosen.stdout.strip()) == ("PASSIVE", "ACTIVE"), unset.stderr + chosen.stderr
