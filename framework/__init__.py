@@ -7,9 +7,9 @@ __version__ = "0.1.0"
 
 # OpenMP threads that spin while they wait take the cores that another process on the machine
 # (a second rank, a data loader, another job) needs, and every short parallel region of a step
-# then waits for a descheduled thread: on a 2-core Xeon the TopK step ran at 2.5-5x its matmul
-# floor with a competing process, 2.0x with waiting threads asleep, and quiet runs kept their
-# speed (the main job: 3,226 against 3,144 tokens/s). libgomp reads this when torch loads it,
+# then waits for a descheduled thread: on a 2-core Xeon the TopK step ran at 2.5-5.1x its
+# matmul floor with a competing process, 2.0-2.4x with waiting threads asleep, and quiet runs
+# kept their speed (the main job: 3,226 against 3,144 tokens/s). libgomp reads this when torch loads it,
 # so it applies where sparsemill is imported first (its CLI and launch scripts); a value the
 # user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

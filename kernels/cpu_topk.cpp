@@ -63,27 +63,37 @@ inline uint32_t ordered_key(float score) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-// Writes to `chosen` the positions of the k largest of key[0..n) (at a tie with the k-th, the
-// first ones): a radix select, one byte at a time from the top, over the positions in doubt.
-// Three short passes instead of nth_element's data-dependent branches (4x faster here).
-inline void radix_select(const uint32_t* key, int64_t n, int64_t k, int32_t* doubt, int32_t* chosen) {
-  int64_t in_doubt = n, need = k;
-  for (int64_t p = 0; p < n; ++p) doubt[p] = static_cast<int32_t>(p);
-  uint32_t kth = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    int64_t count[256] = {};
-    for (int64_t q = 0; q < in_doubt; ++q) ++count[(key[doubt[q]] >> shift) & 255u];
-    uint32_t byte = 255;
-    while (count[byte] < need) need -= count[byte--];  // the byte of the k-th largest
-    kth |= byte << shift;
-    int64_t kept = 0;
-    for (int64_t q = 0; q < in_doubt; ++q)
-      if (((key[doubt[q]] >> shift) & 255u) == byte) doubt[kept++] = doubt[q];
-    in_doubt = kept;
+// One round of radix_select over m candidates (position(q) for q < m) by their byte at
+// `shift`: those above the byte of the `need`-th largest are chosen, those at it stay in doubt
+// (written to doubt[0..), which may be where the positions are read from). Returns how many stay.
+template <typename Position>
+inline int64_t radix_round(const uint32_t* key, Position position, int64_t m, int shift, int64_t& need,
+                           int32_t* doubt, int32_t* chosen, int64_t& n_chosen) {
+  int64_t count[256] = {};
+  for (int64_t q = 0; q < m; ++q) ++count[(key[position(q)] >> shift) & 255u];
+  uint32_t byte = 255;
+  while (count[byte] < need) need -= count[byte--];
+  int64_t kept = 0;
+  for (int64_t q = 0; q < m; ++q) {
+    const int32_t p = position(q);
+    const uint32_t b = (key[p] >> shift) & 255u;
+    if (b > byte) chosen[n_chosen++] = p;
+    else if (b == byte) doubt[kept++] = p;
   }
-  int64_t j = 0;  // every key above the k-th, and `need` of those equal to it
-  for (int64_t p = 0; p < n; ++p)
-    if (key[p] > kth || (key[p] == kth && need-- > 0)) chosen[j++] = static_cast<int32_t>(p);
+  return kept;
+}
+
+// Writes to `chosen` the positions of the k largest of key[0..n) (at a tie with the k-th, the
+// first ones): a radix select, one byte at a time from the top. Two passes over all n, then
+// short ones over the few in doubt, instead of nth_element's data-dependent branches.
+inline void radix_select(const uint32_t* key, int64_t n, int64_t k, int32_t* doubt, int32_t* chosen) {
+  int64_t need = k, n_chosen = 0;
+  int64_t in_doubt = radix_round(key, [](int64_t q) { return static_cast<int32_t>(q); }, n, 24, need, doubt, chosen,
+                                 n_chosen);
+  for (int shift = 16; shift >= 0; shift -= 8)
+    in_doubt = radix_round(key, [doubt](int64_t q) { return doubt[q]; }, in_doubt, shift, need, doubt, chosen,
+                           n_chosen);
+  for (int64_t q = 0; q < need; ++q) chosen[n_chosen++] = doubt[q];  // all equal to the k-th
 }
 
 }  // namespace
