@@ -1,6 +1,6 @@
-"""The objective's pieces, written once: the normalised MSE (FVU of a batch), AuxK, the
-decoder rows' radial-gradient projection, and `TrainingBatch`, what a kind's training forward
-receives besides its input.
+"""The objective's pieces, written once: the normalised MSE (FVU of a batch), AuxK, and
+`TrainingBatch`, what a kind's training forward receives besides its input. (The decoder
+rows' radial-gradient projection is a kernel: kernels.project_out_radial.)
 
 Data-parallel exactness: a batch may be split over ranks. Every loss here is this rank's
 *share* of the global batch's loss (its numerator over the global normaliser, or its sum over
@@ -37,13 +37,6 @@ def normalized_mse(pred: torch.Tensor, target: torch.Tensor, reduce: Reduce = _l
     batch's FVU (`normaliser`: that denominator, when already known)."""
     denom = normaliser if normaliser is not None else centered_sum_sq(target, reduce)
     return (pred - target).pow(2).sum() / denom
-
-
-def project_out_radial(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The gradient of unit-norm rows without its component along each row: a step then moves
-    rows tangentially (the renorm after the step corrects the curvature). Linear in `grad`, so
-    it commutes with gradient averaging over ranks."""
-    return torch.addcmul(grad, torch.linalg.vecdot(grad, weight).unsqueeze(1), weight, value=-1)  # one pass out
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import kernels
 from framework import optim
 from framework.engine import Engine
 from framework.kinds import build_sae
-from framework.losses import AuxRequest, TrainingBatch, aux_k_loss, aux_k_take, project_out_radial
+from framework.losses import AuxRequest, TrainingBatch, aux_k_loss, aux_k_take
 from framework.runners import Runner
 from framework.schema import SAEConfig, TrainConfig
 from framework.stateful import Saved, State, StateDict
@@ -69,7 +70,7 @@ class SAEObjective(nn.Module):
         w = param.detach()
         if w.shape != grad.shape:  # ZeRO-3 released the full weight: leave the gradient as is
             return grad
-        return project_out_radial(grad.flatten(1), w.flatten(1)).view_as(grad)
+        return kernels.project_out_radial(grad.flatten(1), w.flatten(1)).view_as(grad)
 
     def forward(self, x_raw: torch.Tensor, y_raw: torch.Tensor, k: int, dead_ids: torch.Tensor | None,
                 autocast: bool = False, lm_grad_raw: torch.Tensor | None = None):

@@ -67,7 +67,6 @@ import torch.distributed as dist
 from torch import nn
 
 import kernels
-from framework.losses import project_out_radial
 from framework.errors import ConfigError
 from framework.registry import Registry
 from framework.sae import SAE_KINDS, SAEBase, SAEOutput, TopKSAE
@@ -369,7 +368,7 @@ class LatentShardedTopK(LatentShard, SAEBase):
         """Remove each decoder row's radial gradient component (rows are local: no comms)."""
         w, g = self.decoder_weight, self.decoder_weight.grad
         if g is not None:
-            g.copy_(project_out_radial(g, w))
+            g.copy_(kernels.project_out_radial(g, w))
 
     def sharded_rows(self) -> dict[str, int]:
         return {"encoder_weight": 1, "encoder_bias": 1, "decoder_weight": 1}

@@ -17,7 +17,8 @@ import time
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("cpu_topk.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_topk.cpp", "cpu_sparse.cpp", "cpu_module.cpp")]
+HEADERS = [Path(__file__).with_name("cpu_ops.h")]
 ENV_SWITCH = "SPARSEMILL_CPU_EXTENSION"
 NAME = "sparsemill_cpu_topk"
 STALE_LOCK_S = 900  # a build takes 1-2 min; a lock older than this was left by a killed build
@@ -43,7 +44,7 @@ def load():
             try:
                 _module = _build()
             except Exception as err:  # noqa: BLE001 (any build failure: fall back, say why once)
-                warnings.warn(f"sparsemill: the fused CPU TopK ({SOURCE.name}) could not be built, so the PyTorch "
+                warnings.warn(f"sparsemill: the C++ CPU kernels (kernels/cpu_*.cpp) could not be built, so the PyTorch "
                               f"path runs instead (slower under contention): {str(err).strip()[-300:]}",
                               stacklevel=2)
             _tried = True  # after _module is set: a thread seeing it never reads a half-done build
@@ -55,7 +56,7 @@ def build_dir() -> Path:
     import torch  # noqa: PLC0415
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "sparsemill" / "extensions")
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
     return root / f"{NAME}-{digest}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
 
 
@@ -76,7 +77,7 @@ def _build():
     lock = folder / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:  # a build killed midway
         lock.unlink(missing_ok=True)
-    module = cpp_extension.load(NAME, [str(SOURCE)], build_directory=str(folder), extra_cflags=["-O3", "-fopenmp"],
+    module = cpp_extension.load(NAME, [str(p) for p in SOURCES], build_directory=str(folder), extra_cflags=["-O3", "-fopenmp"],
                                 extra_ldflags=["-fopenmp"], verbose=False)
     done.write_text(str(library))
     return module

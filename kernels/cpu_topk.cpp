@@ -11,7 +11,8 @@
 // dead latents' pre-activations of a row block are gathered while each tile is in cache and
 // radix-selected once the block is done. A second pass would redo B*d*|dead| of matmul, and a
 // heap would sift on most entries, since k_aux is a large share of the dead (256 of ~1.7k).
-#include <torch/extension.h>
+#include "cpu_ops.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -181,8 +182,4 @@ std::vector<at::Tensor> select_topk(const at::Tensor& x, const at::Tensor& weigh
     }
   });
   return {pre_out, idx_out, score_out, aux_pre_out, aux_idx_out};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("select_topk", &select_topk, "fused CPU TopK selection (see kernels/cpu_topk.cpp)");
 }

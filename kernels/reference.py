@@ -236,14 +236,26 @@ def _select_topk_tiles(x_centered, encoder_weight, bias, k, use_abs, latent_mask
     return Selection(best_pre, best_idx, torch.isfinite(best_score))
 
 
-def _fused_cpu_selection(x_centered, encoder_weight, bias, k):
-    """kernels/cpu_topk.cpp when it applies (CPU, float32, k <= n) and is built, else None."""
-    if not (x_centered.device.type == "cpu" and 1 <= k <= encoder_weight.shape[0] and x_centered.shape[0] > 0
-            and all(t.dtype == torch.float32 for t in (x_centered, encoder_weight, bias))):
+def _cpu_kernels(*tensors):
+    """The C++ CPU kernels (kernels/cpu_*.cpp) when every tensor is float32 on the CPU and they
+    are built, else None."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         return None
     from kernels import cpu_ext  # noqa: PLC0415 (`python -m kernels.cpu_ext` must find it unimported)
 
     return cpu_ext.load()
+
+
+def _fused_cpu_selection(x_centered, encoder_weight, bias, k):
+    """kernels/cpu_topk.cpp when it applies (CPU, float32, k <= n) and is built, else None."""
+    if not (1 <= k <= encoder_weight.shape[0] and x_centered.shape[0] > 0):
+        return None
+    return _cpu_kernels(x_centered, encoder_weight, bias)
+
+
+def _cpu_sparse_products(*tensors):
+    """kernels/cpu_sparse.cpp's backward products for these tensors, or None (see _cpu_kernels)."""
+    return _cpu_kernels(*tensors)
 
 
 def _activation_mask(pre: torch.Tensor, valid: torch.Tensor, use_abs: bool) -> torch.Tensor:
@@ -314,6 +326,9 @@ def scatter_outer(
         return _scatter_outer_dense(hits, coeffs, rows, n_latents, out)
     if out is not None:
         return out.add_(scatter_outer(indices, coeffs, rows, n_latents))
+    ext = _cpu_sparse_products(coeffs, rows)
+    if ext is not None:
+        return ext.scatter_outer(indices.contiguous(), coeffs.contiguous(), rows.contiguous(), n_latents)
     if _use_csr(rows, B * k * d):
         # G^T in CSR: its rows are latents, so sort the (token, slot) pairs by latent.
         dt = _csr_dtype(rows)
@@ -359,6 +374,9 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor
             for sl in hits.row_blocks():
                 out[sl] = (vectors[sl] @ sub.T).gather(1, hits.local[sl])
         return out
+    ext = _cpu_sparse_products(table, vectors)
+    if ext is not None:
+        return ext.gather_dot(indices.contiguous(), table.contiguous(), vectors.contiguous())
     if _use_csr(vectors, B * k * table.shape[1]):
         dt = _csr_dtype(vectors)
         cols, perm = indices.sort(dim=1)  # CSR wants sorted columns within a row
@@ -386,6 +404,16 @@ def gather_sum(indices: torch.Tensor, values: torch.Tensor, table: torch.Tensor)
         for sl in hits.row_blocks():
             torch.mm(hits.dense(sl, values, table.dtype), sub, out=out[sl])
     return out
+
+
+def project_out_radial(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gradient of unit-norm rows without its component along each row: a step then moves
+    rows tangentially (the renorm after the step corrects the curvature). Linear in `grad`, so
+    it commutes with gradient averaging over ranks. [rows, d] gradients only (no autograd)."""
+    ext = _cpu_sparse_products(grad, weight)
+    if ext is not None:
+        return ext.project_out_radial(grad.contiguous(), weight.contiguous())
+    return torch.addcmul(grad, torch.linalg.vecdot(grad, weight).unsqueeze(1), weight, value=-1)  # one pass out
 
 
 def _passed(live: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -80,18 +80,20 @@ def _poisoned_empty(real_empty):
 
 @pytest.mark.parametrize("use_abs,masked", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("chunk", [16, 13])  # 16: strided-group filter; 13: element filter
-@pytest.mark.parametrize("scatter", ["csr", "dense"])
+@pytest.mark.parametrize("scatter", ["csr", "dense", "cpp"])
 @pytest.mark.parametrize("selection", ["torch", "fused"])
 def test_cpu_fast_paths_match_dense(monkeypatch, use_abs, masked, chunk, scatter, selection):
     """Many row blocks, the threshold filter (PyTorch selection) or many tasks and tiles (the
-    fused C++ selection), the CSR or the dense-over-hit-latents backward (each forced on at
-    this size) and reused / fresh buffers poisoned with NaN: still the dense float64 result."""
+    fused C++ selection), the CSR, dense-over-hit-latents or C++ backward products (each forced
+    on at this size) and reused / fresh buffers poisoned with NaN: still the dense float64 result."""
+    assert cpu_ext.load() is not None, "the C++ CPU kernels did not build: see the warning"
     if selection == "fused":
-        assert cpu_ext.load() is not None, "the fused CPU TopK did not build: see the warning"
         monkeypatch.setattr(ref, "_EXT_ROWS", 4)
         monkeypatch.setattr(ref, "_EXT_CHUNK", chunk)
     else:
-        monkeypatch.setenv(cpu_ext.ENV_SWITCH, "0")
+        monkeypatch.setattr(ref, "_fused_cpu_selection", lambda *args: None)
+    if scatter != "cpp":
+        monkeypatch.setattr(ref, "_cpu_sparse_products", lambda *tensors: None)
     monkeypatch.setattr(ref, "_TILE_ELEMS", 64)  # 4-row blocks
     monkeypatch.setattr(ref, "_CSR_MIN_WORK", 0)
     monkeypatch.setattr(ref, "_DENSE_OVER_HITS", dict.fromkeys(ref._DENSE_OVER_HITS, 0.0 if scatter == "dense" else
@@ -239,3 +241,39 @@ def test_aux_selection_rejects_bad_requests():
                             (torch.tensor([1, 2]), 3, "k_aux"), (torch.tensor([1.0, 2.0]), 1, "int64")]:
         with pytest.raises(ValueError, match=why):
             ref.select_topk(x, W, b, 2, aux=(ids, k_aux))
+
+
+@pytest.mark.parametrize("B,k,n,d", [(37, 5, 120, 9), (3, 4, 7, 67), (0, 3, 10, 8)])  # odd widths; no rows
+def test_cpp_sparse_products_match_float64(B, k, n, d):
+    """kernels/cpu_sparse.cpp's products against their float64 definitions, with latents
+    repeated within a row and latents no row hits (their output rows must be zero)."""
+    ext = cpu_ext.load()
+    assert ext is not None, "the C++ CPU kernels did not build: see the warning"
+    g = torch.Generator().manual_seed(B + d)
+    idx = torch.randint(0, n - 2, (B, k), generator=g)  # the last two latents are never hit
+    coeffs, rows = torch.randn(B, k, generator=g), torch.randn(B, d, generator=g)
+    table = torch.randn(n, d, generator=g)
+    want_dot = torch.einsum("bd,bkd->bk", rows.double(), table.double()[idx])
+    torch.testing.assert_close(ext.gather_dot(idx, table, rows).double(), want_dot, atol=1e-5, rtol=1e-5)
+    want_scatter = torch.zeros(n, d, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), (coeffs.double().unsqueeze(2) * rows.double().unsqueeze(1)).reshape(-1, d))
+    got = ext.scatter_outer(idx, coeffs, rows, n)
+    torch.testing.assert_close(got.double(), want_scatter, atol=1e-5, rtol=1e-5)
+    assert (got[n - 2:] == 0).all()
+    w = torch.nn.functional.normalize(table, dim=1)
+    want_radial = table.double() - (table.double() * w.double()).sum(1, keepdim=True) * w.double()
+    torch.testing.assert_close(ref.project_out_radial(table, w).double(), want_radial, atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_sparse_products_reject_bad_input():
+    ext = cpu_ext.load()
+    assert ext is not None, "the C++ CPU kernels did not build: see the warning"
+    idx, rows, table = torch.tensor([[0, 5]]), torch.randn(1, 4), torch.randn(5, 4)
+    with pytest.raises(RuntimeError, match="gather_dot: latent index out of range"):
+        ext.gather_dot(idx, table, rows)
+    with pytest.raises(RuntimeError, match="scatter_outer: latent index out of range"):
+        ext.scatter_outer(idx, torch.ones(1, 2), rows, 5)
+    with pytest.raises(RuntimeError, match="scatter_outer: coefficients must be contiguous float32"):
+        ext.scatter_outer(idx.clamp(max=4), torch.ones(1, 2, dtype=torch.float64), rows, 5)
+    with pytest.raises(RuntimeError, match="gather_dot: vectors and table rows differ in width"):
+        ext.gather_dot(idx.clamp(max=4), table, torch.randn(1, 3))
