@@ -1,4 +1,5 @@
-"""The fused CPU TopK selection (kernels/cpu_topk.cpp), built on first use with
+"""The C++ CPU kernels: the fused TopK selection (kernels/cpu_topk.cpp) and the backward's
+sparse products (kernels/cpu_sparse.cpp), one extension built on first use with
 `torch.utils.cpp_extension` (g++ and ninja, which DeepSpeed already requires) and cached per
 machine; `python -m kernels.cpu_ext` builds it ahead of time (setup.sh does).
 

@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,6 +38,7 @@ from framework.schema import SAEConfig, TrainConfig
 from framework.sae_trainer import SAETrainer
 from framework.synthetic import SyntheticActivations, SyntheticConfig
 
+MAIN_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smollm2_main.yaml"  # from any directory
 ROWS = ("floor x@W.T", "encode", "+ decode, loss, AuxK", "+ backward", "step (+ optimizer, bookkeeping)")
 
 
@@ -50,7 +52,7 @@ def smollm2_rows(rows: int) -> torch.Tensor:
     from framework.config import load_config  # noqa: PLC0415
     from framework.llm import load_frozen  # noqa: PLC0415
 
-    cfg = load_config("configs/smollm2_main.yaml", ["data.llm_batch_size=32"])
+    cfg = load_config(MAIN_CONFIG, ["data.llm_batch_size=32"])
     site = cfg.saes[0].site
     model, tokenizer = load_frozen(cfg.model)
     source = LLMSource(cfg.data, model, tokenizer, [site], torch.device("cpu"), cfg.train.seed)
@@ -165,9 +167,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         while True:
             step()
     default_threads = torch.get_num_threads()
-    selection = "fused C++ (kernels/cpu_topk.cpp)" if cpu_ext.load() is not None else "PyTorch"
+    cpu_kernels = "C++ (kernels/cpu_topk.cpp, cpu_sparse.cpp)" if cpu_ext.load() is not None else "PyTorch"
     print(f"machine: {machine()}; default threads {default_threads}; freed memory kept: {kept}; "
-          f"CPU TopK selection: {selection}")
+          f"CPU selection and backward products: {cpu_kernels}")
     print(f"kind={args.kind} data={args.data} d={d} k={args.k} B={args.batch} dead={args.dead_frac:.0%}, "
           f"median of {args.rounds} interleaved rounds")
     results = []
