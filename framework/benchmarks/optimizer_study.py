@@ -1,7 +1,10 @@
-"""Sample efficiency of the SAE optimizers on synthetic activations with a known dictionary.
+"""Sample efficiency of the SAE optimizers on synthetic activations with a known dictionary,
+and on real ones (`--data smollm2`).
 
     python -m framework.benchmarks.optimizer_study            # full study, ~15 min on 2 CPU cores
     python -m framework.benchmarks.optimizer_study --quick    # smoke version, < 1 min
+    python -m framework.benchmarks.optimizer_study --data smollm2 --budgets 335872 \
+        --adam-lrs 2e-3 --sf-lrs 5e-3 --fvu-marks 0.3,0.15,0.1   # the real-activation row
     python -m framework.benchmarks.optimizer_study --n-latents 16384 --budgets 300000 \\
         --adam-lrs 5e-4,1e-3,2e-3 --sf-lrs 2e-3,5e-3      # e.g. check the width scaling rule
 
@@ -48,6 +51,7 @@ import time
 import torch
 
 from framework import host_memory, optim
+from framework.benchmarks.smollm2_rows import smollm2_rows
 from framework.schema import SAEConfig, TrainConfig
 from framework.evaluate import reconstruction_metrics
 from framework.sae_trainer import SAETrainer, total_steps_for
@@ -73,7 +77,7 @@ class RunSpec:
     budget: int  # training tokens
 
 
-def run_one(spec: RunSpec, train_x: torch.Tensor, eval_x: torch.Tensor, dictionary: torch.Tensor,
+def run_one(spec: RunSpec, train_x: torch.Tensor, eval_x: torch.Tensor, dictionary: torch.Tensor | None,
             args, seed: int) -> dict:
     n_latents = args.n_latents
     lr = spec.base_lr * optim.default_lr(spec.optimizer, n_latents) / optim.DEFAULT_LR[spec.optimizer]
@@ -106,8 +110,10 @@ def run_one(spec: RunSpec, train_x: torch.Tensor, eval_x: torch.Tensor, dictiona
                     reached[mark] = (seconds, (step + 1) * B)
     train_sums = tr.read_sums()  # includes the trainer's own dead fraction (dead_after_tokens)
     stats = reconstruction_metrics({"sae": tr}, [{"x": eval_x}], eval_x.shape[0])["sae"].result()
-    with tr.evaluating() as sae:  # schedule-free: its averaged weights, as evaluation and export use
-        mean_cos, recovered = feature_recovery(sae.decoder_weight, dictionary)
+    mean_cos = recovered = float("nan")  # real activations: no known dictionary to recover
+    if dictionary is not None:
+        with tr.evaluating() as sae:  # schedule-free: its averaged weights, as evaluation and export use
+            mean_cos, recovered = feature_recovery(sae.decoder_weight, dictionary)
     fvu = stats["fvu"] if math.isfinite(stats["fvu"]) and not diverged else float("nan")
     return {**dataclasses.asdict(spec), "lr": lr, "n_latents": n_latents, "seed": seed, "fvu": fvu,
             "dead_frac": stats["dead_frac"], "dead_frac_train": train_sums["dead_frac"],
@@ -161,6 +167,9 @@ def _floats(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke version (< 1 min)")
+    parser.add_argument("--data", choices=["synthetic", "smollm2"], default="synthetic",
+                        help="smollm2: SmolLM2-135M layer-6 activations of the Python docs (d=576; held-out "
+                        "documents for evaluation; no known features, so no maxcos / rec.9)")
     parser.add_argument("--d", type=int, default=None)
     parser.add_argument("--n-latents", type=int, default=None)
     parser.add_argument("--k", type=int, default=None)
@@ -199,22 +208,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     specs += [RunSpec("signsgd_schedulefree", lr, b) for b in budgets for lr in sf_lrs]
     results = []
     t0 = time.perf_counter()
+    if args.data == "smollm2":  # one token stream for every seed (the seeds vary the SAE)
+        real_train = smollm2_rows(max(budgets) + args.batch_size, "train")
+        # shuffled, as a run's mixing buffer does: consecutive rows come from the same documents
+        real_train = real_train[torch.randperm(real_train.shape[0], generator=torch.Generator().manual_seed(0))]
+        real_eval = smollm2_rows(args.eval_tokens, "eval")
+        print(f"data: SmolLM2-135M blocks.6.resid_post on the Python docs, d={real_train.shape[1]}, "
+              f"{real_train.shape[0]:,} training and {real_eval.shape[0]:,} held-out tokens")
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        data_cfg = study_data_config(args.d, seed=seed)
-        gen = SyntheticActivations(data_cfg)
-        train_x, _ = gen.sample(max(budgets) + args.batch_size, with_codes=False)
-        eval_x, _ = gen.sample(args.eval_tokens, torch.Generator().manual_seed(10_000 + seed), with_codes=False)
-        if seed == args.first_seed:
+        if args.data == "smollm2":
+            train_x, eval_x, dictionary = real_train, real_eval, None
+        else:
+            data_cfg = study_data_config(args.d, seed=seed)
+            gen = SyntheticActivations(data_cfg)
+            train_x, _ = gen.sample(max(budgets) + args.batch_size, with_codes=False)
+            eval_x, _ = gen.sample(args.eval_tokens, torch.Generator().manual_seed(10_000 + seed), with_codes=False)
+            dictionary = gen.dictionary
+        if seed == args.first_seed and args.data == "synthetic":
             print(f"data: d={data_cfg.d} true features={data_cfg.n_features} "
                   f"(roots={data_cfg.n_roots}, children={data_cfg.n_children}) E[L0]={gen.expected_l0():.1f} "
                   f"freq {gen.frequencies.min():.4f}..{gen.frequencies.max():.2f} "
                   f"noise share of variance~{gen.noise_fraction():.3f} (FVU floor)")
+        if seed == args.first_seed:
             print(f"SAE: topk n_latents={args.n_latents} k={args.k} batch={args.batch_size} "
                   f"dead_after={args.dead_after_tokens:,} tokens; adam: warmup {TrainConfig.warmup_steps} steps, "
                   f"linear decay over the last {TrainConfig.decay_fraction:.0%}; eval tokens={args.eval_tokens:,}; "
                   f"seeds={args.seeds}; threads={torch.get_num_threads()}", flush=True)
         for spec in specs:
-            r = run_one(spec, train_x, eval_x, gen.dictionary, args, seed)
+            r = run_one(spec, train_x, eval_x, dictionary, args, seed)
             results.append(r)
             print(f"  seed={seed} budget={spec.budget:,} {spec.optimizer} lr@2^14={spec.base_lr:g}: "
                   f"FVU={r['fvu']:.4f} dead={r['dead_frac']:.3f} maxcos={r['mean_max_cos']:.3f} "

@@ -27,42 +27,23 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import kernels
 from kernels import cpu_ext
 from framework import host_memory
+from framework.benchmarks.smollm2_rows import smollm2_rows
 from framework.schema import SAEConfig, TrainConfig
 from framework.sae_trainer import SAETrainer
 from framework.synthetic import SyntheticActivations, SyntheticConfig
 
-MAIN_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smollm2_main.yaml"  # from any directory
 ROWS = ("floor x@W.T", "encode", "+ decode, loss, AuxK", "+ backward", "step (+ optimizer, bookkeeping)")
 
 
 def synthetic_rows(d: int, rows: int, seed: int = 0) -> torch.Tensor:
     gen = SyntheticActivations(SyntheticConfig(d=d, n_features=8 * d, noise_std=0.05, seed=seed))
     return gen.sample(rows, torch.Generator().manual_seed(seed + 1), with_codes=False)[0]
-
-
-def smollm2_rows(rows: int) -> torch.Tensor:
-    from framework.activations import LLMSource  # noqa: PLC0415  (transformers only when asked)
-    from framework.config import load_config  # noqa: PLC0415
-    from framework.llm import load_frozen  # noqa: PLC0415
-
-    cfg = load_config(MAIN_CONFIG, ["data.llm_batch_size=32"])
-    site = cfg.saes[0].site
-    model, tokenizer = load_frozen(cfg.model)
-    source = LLMSource(cfg.data, model, tokenizer, [site], torch.device("cpu"), cfg.train.seed)
-    parts, have = [], 0
-    for batch in source.batches("train"):
-        parts.append(batch[site].float())
-        have += parts[-1].shape[0]
-        if have >= rows:
-            break
-    return torch.cat(parts)[:rows]
 
 
 def make_trainer(kind: str, d: int, n: int, k: int, batch: int, sample: torch.Tensor) -> SAETrainer:
