@@ -88,4 +88,4 @@ if __name__ == "__main__":
     start = time.perf_counter()
     if load() is None:
         raise SystemExit(f"cpu_ext: not built ({ENV_SWITCH}={os.environ.get(ENV_SWITCH)!r} or the warning above)")
-    print(f"cpu_ext: fused CPU TopK ready ({time.perf_counter() - start:.1f} s)")
+    print(f"cpu_ext: C++ CPU kernels ready ({time.perf_counter() - start:.1f} s)")

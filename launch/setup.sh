@@ -50,7 +50,8 @@ if [ "$mode" = all ]; then
     fi
   fi
 fi
-# The fused CPU TopK (kernels/cpu_topk.cpp) is compiled once per machine (1-2 min, g++ and ninja);
-# without it training still runs, on the PyTorch path (slower when other processes share the cores).
-"$PYTHON" -m kernels.cpu_ext || echo "setup.sh: the fused CPU TopK was not built (see above); training uses the PyTorch path" >&2
+# The C++ CPU kernels (kernels/cpu_*.cpp: the fused TopK, the backward's sparse products) are
+# compiled once per machine (1-2 min, g++ and ninja); without them training still runs, on the
+# PyTorch path (slower, most of all when other processes share the cores).
+"$PYTHON" -m kernels.cpu_ext || echo "setup.sh: the C++ CPU kernels were not built (see above); training uses the PyTorch path" >&2
 echo "setup.sh: done ($mode)"

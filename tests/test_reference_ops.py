@@ -151,7 +151,7 @@ def test_bf16_and_autocast_run_and_agree():
 def test_fused_cpu_selection_matches_the_torch_path(monkeypatch, use_abs, allowed):
     """kernels/cpu_topk.cpp against the PyTorch selection at a size with many tasks and tiles:
     the same sets away from ties, the same pre-activations, the same validity."""
-    assert cpu_ext.load() is not None, "the fused CPU TopK did not build: see the warning"
+    assert cpu_ext.load() is not None, "the C++ CPU kernels did not build: see the warning"
     monkeypatch.setattr(ref, "_EXT_CHUNK", 96)
     B, d, n, k = 300, 24, 1000, 8
     x, W, b, _ = (t.detach() for t in _inputs(B, d, n, seed=3 + use_abs, dtype=torch.float32))
@@ -187,7 +187,7 @@ def test_aux_selection_is_the_top_k_among_its_latents(monkeypatch, use_abs, mask
     only, unrestricted by latent_mask, with the right pre-activations; the main selection is
     unchanged. Fused: many tasks, tiles and aux buffers of a few rows."""
     if selection == "fused":
-        assert cpu_ext.load() is not None, "the fused CPU TopK did not build: see the warning"
+        assert cpu_ext.load() is not None, "the C++ CPU kernels did not build: see the warning"
         monkeypatch.setattr(ref, "_EXT_CHUNK", 96)
         monkeypatch.setattr(ref, "_EXT_AUX_ELEMS", 3 * 150)  # 3 rows a task
     else:
