@@ -21,7 +21,7 @@ from pathlib import Path
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_topk.cpp", "cpu_sparse.cpp", "cpu_module.cpp")]
 HEADERS = [Path(__file__).with_name("cpu_ops.h")]
 ENV_SWITCH = "SPARSEMILL_CPU_EXTENSION"
-NAME = "sparsemill_cpu_topk"
+NAME = "sparsemill_cpu_kernels"
 STALE_LOCK_S = 900  # a build takes 1-2 min; a lock older than this was left by a killed build
 
 _lock = threading.Lock()
@@ -45,8 +45,8 @@ def load():
             try:
                 _module = _build()
             except Exception as err:  # noqa: BLE001 (any build failure: fall back, say why once)
-                warnings.warn(f"sparsemill: the C++ CPU kernels (kernels/cpu_*.cpp) could not be built, so the PyTorch "
-                              f"path runs instead (slower under contention): {str(err).strip()[-300:]}",
+                warnings.warn(f"sparsemill: the C++ CPU kernels (kernels/cpu_*.cpp) could not be built, so the "
+                              f"PyTorch path runs instead (slower under contention): {str(err).strip()[-300:]}",
                               stacklevel=2)
             _tried = True  # after _module is set: a thread seeing it never reads a half-done build
     return _module
@@ -78,8 +78,8 @@ def _build():
     lock = folder / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:  # a build killed midway
         lock.unlink(missing_ok=True)
-    module = cpp_extension.load(NAME, [str(p) for p in SOURCES], build_directory=str(folder), extra_cflags=["-O3", "-fopenmp"],
-                                extra_ldflags=["-fopenmp"], verbose=False)
+    module = cpp_extension.load(NAME, [str(p) for p in SOURCES], build_directory=str(folder),
+                                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     done.write_text(str(library))
     return module
 

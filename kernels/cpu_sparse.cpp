@@ -7,17 +7,23 @@
 // Why: the CSR path sorted the indices twice per step, and the projection made three passes
 // over the decoder. Measured at B=4096, k=32, d=512, n=16384 on 2 threads (Xeon): gather_dot
 // 11.6 -> 8.0 ms, scatter_outer 8.5 -> 6.8, the projection 6.9 -> 2.5. These are row loops the
-// compiler vectorises for the CPU it runs on (target_clones: one build serves AVX2 and
-// AVX-512 machines alike).
+// compiler vectorises for the CPU it runs on.
 #include "cpu_ops.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
 
+// Compiled for AVX-512, AVX2 and plain x86-64 and picked when the library loads: one build
+// serves every x86 machine (a shared home directory may hold one build for a whole cluster).
+#if defined(__x86_64__) && defined(__GNUC__)
 #define SPARSEMILL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SPARSEMILL_CLONES
+#endif
 
 SPARSEMILL_CLONES void axpy(float* out, float a, const float* v, int64_t d) {
   for (int64_t i = 0; i < d; ++i) out[i] += a * v[i];

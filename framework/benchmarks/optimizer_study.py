@@ -3,7 +3,7 @@ and on real ones (`--data smollm2`).
 
     python -m framework.benchmarks.optimizer_study            # full study, ~15 min on 2 CPU cores
     python -m framework.benchmarks.optimizer_study --quick    # smoke version, < 1 min
-    python -m framework.benchmarks.optimizer_study --data smollm2 --budgets 335872 \
+    python -m framework.benchmarks.optimizer_study --data smollm2 --budgets 335872 \\
         --adam-lrs 2e-3 --sf-lrs 5e-3 --fvu-marks 0.3,0.15,0.1   # the real-activation row
     python -m framework.benchmarks.optimizer_study --n-latents 16384 --budgets 300000 \\
         --adam-lrs 5e-4,1e-3,2e-3 --sf-lrs 2e-3,5e-3      # e.g. check the width scaling rule
