@@ -86,7 +86,8 @@ def test_cpu_fast_paths_match_dense(monkeypatch, use_abs, masked, chunk, scatter
     """Many row blocks, the threshold filter (PyTorch selection) or many tasks and tiles (the
     fused C++ selection), the CSR, dense-over-hit-latents or C++ backward products (each forced
     on at this size) and reused / fresh buffers poisoned with NaN: still the dense float64 result."""
-    assert cpu_ext.load() is not None, "the C++ CPU kernels did not build: see the warning"
+    if selection == "fused" or scatter == "cpp":
+        assert cpu_ext.load() is not None, "the C++ CPU kernels did not build: see the warning"
     if selection == "fused":
         monkeypatch.setattr(ref, "_EXT_ROWS", 4)
         monkeypatch.setattr(ref, "_EXT_CHUNK", chunk)

@@ -224,11 +224,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             train_x, _ = gen.sample(max(budgets) + args.batch_size, with_codes=False)
             eval_x, _ = gen.sample(args.eval_tokens, torch.Generator().manual_seed(10_000 + seed), with_codes=False)
             dictionary = gen.dictionary
-        if seed == args.first_seed and args.data == "synthetic":
-            print(f"data: d={data_cfg.d} true features={data_cfg.n_features} "
-                  f"(roots={data_cfg.n_roots}, children={data_cfg.n_children}) E[L0]={gen.expected_l0():.1f} "
-                  f"freq {gen.frequencies.min():.4f}..{gen.frequencies.max():.2f} "
-                  f"noise share of variance~{gen.noise_fraction():.3f} (FVU floor)")
+            if seed == args.first_seed:
+                print(f"data: d={data_cfg.d} true features={data_cfg.n_features} "
+                      f"(roots={data_cfg.n_roots}, children={data_cfg.n_children}) E[L0]={gen.expected_l0():.1f} "
+                      f"freq {gen.frequencies.min():.4f}..{gen.frequencies.max():.2f} "
+                      f"noise share of variance~{gen.noise_fraction():.3f} (FVU floor)")
         if seed == args.first_seed:
             print(f"SAE: topk n_latents={args.n_latents} k={args.k} batch={args.batch_size} "
                   f"dead_after={args.dead_after_tokens:,} tokens; adam: warmup {TrainConfig.warmup_steps} steps, "
